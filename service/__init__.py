@@ -1,0 +1,3 @@
+"""openai-model-rerouter: rewrite the model an OpenAI-compatible client asks for."""
+
+__version__ = "0.1.0"

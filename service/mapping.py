@@ -1,0 +1,87 @@
+"""Model id rewriting: exact aliases first, then whole-id regexes in the order written."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+_GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
+
+
+class MappingError(ValueError):
+    """A MODEL_MAP entry that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resolution:
+    """Where a requested id goes, and which rule sent it there (None: passed through)."""
+
+    source: str
+    target: str
+    rule: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class _RegexRule:
+    key: str
+    pattern: re.Pattern[str]
+    target: str
+
+
+@dataclass(frozen=True)
+class ModelMap:
+    exact: Mapping[str, str]
+    regexes: tuple[_RegexRule, ...]
+
+    @classmethod
+    def parse(cls, raw: object) -> ModelMap:
+        """Validate a decoded MODEL_MAP object; every problem names its key."""
+        if not isinstance(raw, dict):
+            raise MappingError("must be a JSON object of source id -> target id")
+        exact: dict[str, str] = {}
+        regexes: list[_RegexRule] = []
+        for key, target in raw.items():
+            if not isinstance(target, str) or not target:
+                raise MappingError(f"key {key!r}: target must be a non-empty string")
+            if _is_regex(key):
+                regexes.append(_compile_rule(key, target))
+            else:
+                exact[key] = target
+        return cls(exact=exact, regexes=tuple(regexes))
+
+    def resolve(self, model: str) -> Resolution:
+        target = self.exact.get(model)
+        if target is not None:
+            return Resolution(model, target, model)
+        for rule in self.regexes:
+            match = rule.pattern.fullmatch(model)
+            if match is not None:
+                return Resolution(model, match.expand(rule.target), rule.key)
+        return Resolution(model, model, None)
+
+    def aliases(self) -> list[str]:
+        """Exact source ids: the ones /v1/models can advertise."""
+        return list(self.exact)
+
+    def known_ids(self) -> set[str]:
+        """Ids the operator wrote down; metrics always give these their own label."""
+        targets = {rule.target for rule in self.regexes if not _GROUP_REF.search(rule.target)}
+        return set(self.exact) | set(self.exact.values()) | targets
+
+
+def _is_regex(key: str) -> bool:
+    return len(key) >= 2 and key.startswith("/") and key.endswith("/")
+
+
+def _compile_rule(key: str, target: str) -> _RegexRule:
+    try:
+        pattern = re.compile(key[1:-1])
+    except re.error as exc:
+        raise MappingError(f"key {key!r}: invalid regular expression: {exc}") from None
+    for name, number in _GROUP_REF.findall(target):
+        ref = name or number
+        known = (ref.isdigit() and int(ref) <= pattern.groups) or ref in pattern.groupindex
+        if not known:
+            raise MappingError(f"key {key!r}: target refers to unknown group {ref!r}")
+    return _RegexRule(key, pattern, target)

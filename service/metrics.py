@@ -1,0 +1,99 @@
+"""Prometheus metrics, exact across Sanic workers.
+
+prometheus-client picks multiprocess mode when it is first imported, by whether
+``PROMETHEUS_MULTIPROC_DIR`` is set; ``service.cli`` sets (and wipes) that directory before
+anything imports this module, so every worker writes its samples there and ``/metrics`` in any
+worker adds them all up. Imported without it (tests that build the app in-process) the
+default single-process registry serves.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+_MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+
+REQUESTS = Counter(
+    "rerouter_requests_total",
+    "Requests answered, by endpoint, requested and served model, and status (499: client left).",
+    ["endpoint", "source_model", "target_model", "status_code"],
+)
+DURATION = Histogram(
+    "rerouter_request_duration_seconds",
+    "Time from request to the last byte of the response.",
+    ["endpoint", "target_model"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300),
+)
+TIME_TO_FIRST_BYTE = Histogram(
+    "rerouter_time_to_first_byte_seconds",
+    "Streams: time from request to the first body byte relayed to the client.",
+    ["endpoint", "target_model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+STREAMS = Counter(
+    "rerouter_streams_total",
+    "Streamed responses by how they ended: completed, client_disconnected, upstream_error.",
+    ["endpoint", "target_model", "outcome"],
+)
+UPSTREAM_ERRORS = Counter(
+    "rerouter_upstream_errors_total",
+    "Upstream failures the proxy saw: connect, timeout, disconnected, http_4xx, http_5xx.",
+    ["target_model", "reason"],
+)
+IN_FLIGHT = Gauge(
+    "rerouter_requests_in_flight",
+    "Requests being served right now, all workers together.",
+    multiprocess_mode="livesum",
+)
+
+
+class ModelLabels:
+    """Caps the distinct model label values so clients cannot grow the series without bound.
+
+    Ids named in MODEL_MAP always get their own value; other ids do until ``limit`` distinct
+    ones were seen by this worker, then they are reported as ``other``.
+    """
+
+    OTHER = "other"
+    NONE = "none"
+
+    def __init__(self, limit: int, known: set[str]) -> None:
+        self._limit = limit
+        self._known = frozenset(known)
+        self._seen: set[str] = set()
+
+    def __call__(self, model: str | None) -> str:
+        if model is None:
+            return self.NONE
+        if model in self._known or model in self._seen:
+            return model
+        if len(self._seen) >= self._limit:
+            return self.OTHER
+        self._seen.add(model)
+        return model
+
+
+def render() -> tuple[bytes, str]:
+    """The exposition page and its content type."""
+    if _MULTIPROC_DIR is None:
+        return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=_MULTIPROC_DIR)
+    return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def worker_stopped(pid: int) -> None:
+    """Let the live gauges forget a worker that exited."""
+    if _MULTIPROC_DIR is not None:
+        multiprocess.mark_process_dead(pid, _MULTIPROC_DIR)

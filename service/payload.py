@@ -1,0 +1,148 @@
+"""Rewriting the client's request body: the ``model`` of a JSON object or of a multipart form.
+
+Nothing else in the body changes. When the model maps to itself and no switch applies, the
+original bytes are forwarded as they came; multipart forms are edited in place so file parts
+stay byte for byte what the client sent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from service import thinking
+from service.errors import ProxyError
+from service.mapping import ModelMap, Resolution
+
+COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    body: bytes
+    resolution: Resolution | None
+    stream: bool = False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def loads(raw: bytes) -> Any:
+    """orjson first; the standard library for what orjson refuses but JSON allows (huge ints)."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        message = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
+        raise ProxyError(400, f"request body is not valid JSON: {message}", "invalid_json") from None
+
+
+def dumps(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except orjson.JSONEncodeError:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or media.endswith("+json")
+
+
+def rewrite(
+    raw: bytes,
+    content_type: str,
+    endpoint: str,
+    model_map: ModelMap,
+    disable_thinking: bool,
+) -> Rewritten:
+    """What to forward for this body, and how its model was resolved."""
+    if endpoint in COMPLETION_ENDPOINTS:
+        return _rewrite_completion(raw, endpoint, model_map, disable_thinking)
+    if raw and is_json(content_type):
+        return _rewrite_json(raw, loads(raw), model_map)
+    if raw and content_type.lower().startswith("multipart/form-data"):
+        return _rewrite_multipart(raw, content_type, model_map)
+    return Rewritten(raw, None)
+
+
+def _rewrite_completion(raw: bytes, endpoint: str, model_map: ModelMap, disable_thinking: bool) -> Rewritten:
+    if not raw:
+        raise ProxyError(400, "request body must be a JSON object", "invalid_json")
+    body = loads(raw)
+    if not isinstance(body, dict):
+        raise ProxyError(400, "request body must be a JSON object", "invalid_json")
+    resolution, changed = _resolve_in(body, model_map)
+    if disable_thinking:
+        switch = (
+            thinking.disable_in_chat if endpoint == "chat/completions" else thinking.disable_in_completion
+        )
+        changed = switch(body) or changed
+    return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
+
+
+def _rewrite_json(raw: bytes, body: Any, model_map: ModelMap) -> Rewritten:
+    if not isinstance(body, dict):
+        return Rewritten(raw, None)
+    resolution, changed = _resolve_in(body, model_map)
+    return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
+
+
+def _resolve_in(body: dict[str, Any], model_map: ModelMap) -> tuple[Resolution | None, bool]:
+    model = body.get("model")
+    if not isinstance(model, str):
+        return None, False
+    resolution = model_map.resolve(model)
+    if resolution.target == model:
+        return resolution, False
+    body["model"] = resolution.target
+    return resolution, True
+
+
+def _boundary(content_type: str) -> bytes | None:
+    for param in content_type.split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary" and value:
+            return value.strip().strip('"').encode("latin-1")
+    return None
+
+
+def _is_model_field(headers: bytes) -> bool:
+    for line in headers.decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.strip().lower() != "content-disposition":
+            continue
+        params = [p.strip() for p in value.split(";")]
+        named_model = 'name="model"' in params or "name=model" in params
+        return named_model and not any(p.startswith("filename") for p in params)
+    return False
+
+
+def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap) -> Rewritten:
+    boundary = _boundary(content_type)
+    if boundary is None:
+        raise ProxyError(400, "multipart body without a boundary", "invalid_multipart")
+    delimiter = b"--" + boundary
+    parts = raw.split(delimiter)
+    for index, part in enumerate(parts[1:-1], start=1):
+        head_end = part.find(b"\r\n\r\n")
+        if head_end < 0 or not part.endswith(b"\r\n") or not _is_model_field(part[:head_end]):
+            continue
+        value = part[head_end + 4 : -2]
+        try:
+            model = value.decode()
+        except UnicodeDecodeError:
+            return Rewritten(raw, None)
+        resolution = model_map.resolve(model)
+        if resolution.target == model:
+            return Rewritten(raw, resolution)
+        parts[index] = part[: head_end + 4] + resolution.target.encode() + b"\r\n"
+        return Rewritten(delimiter.join(parts), resolution)
+    return Rewritten(raw, None)

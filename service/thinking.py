@@ -1,0 +1,67 @@
+"""The ``/no_think`` switch: Qwen3 skips its reasoning when the prompt ends with it.
+
+These functions change the request's own freshly parsed body in place and return whether they
+changed anything, so the caller knows when the original bytes can be forwarded untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NO_THINK = "/no_think"
+
+
+def _with_suffix(text: str) -> str | None:
+    """The text with the switch appended, or None when it already carries it."""
+    if NO_THINK in text:
+        return None
+    return f"{text} {NO_THINK}" if text else NO_THINK
+
+
+def disable_in_chat(body: dict[str, Any]) -> bool:
+    """Append the switch to the last user message (its last text part, for list content)."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return False
+    message = next(
+        (m for m in reversed(messages) if isinstance(m, dict) and m.get("role") == "user"),
+        None,
+    )
+    if message is None:
+        return False
+    content = message.get("content")
+    if isinstance(content, str):
+        changed = _with_suffix(content)
+        if changed is not None:
+            message["content"] = changed
+        return changed is not None
+    if isinstance(content, list):
+        return _disable_in_parts(content)
+    return False
+
+
+def _disable_in_parts(parts: list[Any]) -> bool:
+    texts = [p for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    if any(isinstance(p.get("text"), str) and NO_THINK in p["text"] for p in texts):
+        return False
+    last = next((p for p in reversed(texts) if isinstance(p.get("text"), str)), None)
+    if last is None:
+        parts.append({"type": "text", "text": NO_THINK})
+    else:
+        last["text"] = _with_suffix(last["text"])
+    return True
+
+
+def disable_in_completion(body: dict[str, Any]) -> bool:
+    """Append the switch to a string prompt, or to each string of a list of prompts."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        changed = _with_suffix(prompt)
+        if changed is not None:
+            body["prompt"] = changed
+        return changed is not None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        updated = [_with_suffix(p) for p in prompt]
+        body["prompt"] = [new if new is not None else old for new, old in zip(updated, prompt, strict=True)]
+        return any(new is not None for new in updated)
+    return False

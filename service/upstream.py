@@ -1,0 +1,114 @@
+"""The connection to the model server: one aiohttp session per worker, headers, failures."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from service.config import Settings
+from service.errors import ProxyError
+
+# A stream holds its connection for the whole generation, so the pool must exceed the number
+# of concurrent streams one worker is expected to carry (aiohttp's default is 100).
+MAX_CONNECTIONS = 1024
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "expect"}
+_NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length"}
+
+
+class UpstreamError(ProxyError):
+    """The upstream could not be reached or did not answer in time; ``reason`` labels metrics."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(status, message, f"upstream_{reason}")
+        self.reason = reason
+
+
+def new_session(settings: Settings) -> aiohttp.ClientSession:
+    """No total timeout (it would cut long streams): connect and between-bytes limits only.
+
+    Bodies pass through as the upstream encoded them (no auto-decompression), and aiohttp adds
+    none of its own default headers, so the upstream sees what the client sent.
+    """
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=settings.upstream_connect_timeout,
+            sock_read=settings.upstream_read_timeout,
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+    )
+
+
+def _dropped(headers: Iterable[tuple[str, str]], always: frozenset[str]) -> set[str]:
+    named = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return always | named
+
+
+def request_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, Host and Content-Length."""
+    items = list(headers)
+    drop = _dropped(items, _NOT_FORWARDED_UP)
+    return CIMultiDict((name, value) for name, value in items if name.lower() not in drop)
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's headers minus hop-by-hop ones and Content-Length (Sanic sets its own)."""
+    items = list(headers)
+    drop = _dropped(items, _NOT_RELAYED_DOWN)
+    return [(name, value) for name, value in items if name.lower() not in drop]
+
+
+def failure(exc: BaseException) -> UpstreamError:
+    """Map an aiohttp failure to what the client is told."""
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamError(504, "the upstream did not answer in time", "timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamError(502, "the upstream refused the connection or is unreachable", "connect")
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError | aiohttp.ClientPayloadError):
+        return UpstreamError(502, "the upstream closed the connection", "disconnected")
+    return UpstreamError(502, "the upstream sent an invalid response", "bad_response")
+
+
+@asynccontextmanager
+async def call(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    *,
+    data: bytes | None = None,
+    headers: CIMultiDict[str] | None = None,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """One upstream exchange; connection failures and timeouts become UpstreamError."""
+    try:
+        async with session.request(
+            method, URL(url, encoded=True), data=data, headers=headers, allow_redirects=False
+        ) as response:
+            yield response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise failure(exc) from None

@@ -1,0 +1,139 @@
+"""Shared fixtures: a real fake upstream, and the proxy as a real process on a real port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+
+from tests.fake_upstream import FakeUpstream
+
+DEFAULT_MAP = {
+    "gpt-3.5-turbo-16k": "qwen3-4b",
+    "/gpt-4.*/": "echo-model",
+    "/(?P<family>llama)-(\\d+)b/": "\\g<family>-\\2-served",
+    "whisper-1": "whisper-large-v3",
+    "text-embedding-3-small": "bge-m3",
+    "gpt-slow": "slow-stream",
+    "gpt-broken": "die-mid-stream",
+    "gpt-hang": "hang",
+    "gpt-ratelimited": "status-429",
+    "gpt-down": "status-503",
+    "gpt-missing": "not-listed-anywhere",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Proxy:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON events the proxy logged so far (other lines, such as Sanic's, skipped)."""
+        events = []
+        for line in self.log_path.read_bytes().splitlines():
+            if line.startswith(b"{"):
+                events.append(orjson.loads(line))
+        return events
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"proxy exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"proxy did not become healthy:\n{log_path.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def upstream() -> FakeUpstream:
+    server = FakeUpstream()
+    server.start()
+    return server
+
+
+StartProxy = Callable[..., Proxy]
+
+
+@pytest.fixture(scope="session")
+def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartProxy]:
+    """Start ``python -m service`` with the given environment on top of a test default.
+
+    Pass ``UPSTREAM_URL``/``MODEL_MAP`` to override; ``None`` removes a variable.
+    """
+    started: list[Proxy] = []
+
+    def start(**env: str | None) -> Proxy:
+        port = free_port()
+        log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+        settings: dict[str, str | None] = {
+            "UPSTREAM_URL": upstream.url,
+            "MODEL_MAP": orjson.dumps(DEFAULT_MAP).decode(),
+            "LISTEN_HOST": "127.0.0.1",
+            "LISTEN_PORT": str(port),
+            **env,
+        }
+        full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        full_env.update({k: v for k, v in settings.items() if v is not None})
+        for name in [k for k, v in settings.items() if v is None]:
+            full_env.pop(name, None)
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "service"],
+                env=full_env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parent.parent,
+            )
+        proxy = Proxy(f"http://127.0.0.1:{port}", process, log_path)
+        started.append(proxy)
+        wait_until_healthy(proxy.url, process, log_path)
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+
+
+@pytest.fixture(scope="session")
+def proxy(start_proxy: StartProxy) -> Proxy:
+    """The proxy with the default test map, shared by tests that do not change settings."""
+    return start_proxy()
