@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import aiohttp
 import structlog
@@ -141,6 +142,11 @@ def create_app(settings: Settings, name: str = "openai-model-rerouter") -> Sanic
         code = "not_found" if exc.status_code == 404 else "invalid_request"
         return ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None)).response()
 
+    @app.exception(Exception)
+    async def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
+        log.exception("unexpected error")
+        return ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
+
     app.add_route(healthz, "/healthz", methods=["GET", "HEAD"])
     app.add_route(readyz, "/readyz", methods=["GET", "HEAD"])
     app.add_route(metrics_page, "/metrics", methods=["GET"])
@@ -170,6 +176,12 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
         error = exc.response()
         error.headers["x-request-id"] = exchange.request_id
         return error
+    except Exception:
+        log.exception("unexpected error")
+        exchange.status = 500
+        error = ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
+        error.headers["x-request-id"] = exchange.request_id
+        return error
     except asyncio.CancelledError:
         exchange.status = 499
         if exchange.outcome is not None:
@@ -191,6 +203,7 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
         exchange.endpoint,
         settings.model_map,
         settings.disable_thinking,
+        request.method,
     )
     exchange.resolution = rewritten.resolution
     exchange.stream = rewritten.stream
@@ -205,7 +218,7 @@ def _upstream_url(request: Request, path: str | None = None) -> str:
 
 def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False) -> Any:
     headers = upstream.request_headers(request.headers.items())
-    headers.setdefault("x-request-id", exchange.request_id)
+    headers["x-request-id"] = exchange.request_id
     if identity:
         headers["accept-encoding"] = "identity"
     return headers
@@ -222,7 +235,9 @@ async def _relay(request: Request, exchange: Exchange, body: bytes) -> HTTPRespo
     ) as answer:
         _note_status(exchange, answer.status)
         headers = upstream.response_headers(answer.headers.items())
-        streamed = answer.content_type == "text/event-stream" or answer.content_length is None
+        streamed = answer.content_type == "text/event-stream" or (
+            answer.content_length is None and answer.status not in (204, 304) and request.method != "HEAD"
+        )
         if not streamed:
             return HTTPResponse(await answer.read(), status=answer.status, headers=headers)
         await _stream(request, exchange, answer, headers)
@@ -243,6 +258,7 @@ async def _stream(
 ) -> None:
     """Relay chunks as they arrive. An upstream failure mid-way closes the client's connection
     without the final chunk, so the client sees a broken stream rather than a clean end."""
+    headers = [(name, value) for name, value in headers if name.lower() != "x-request-id"]
     headers.append(("x-request-id", exchange.request_id))
     if answer.content_type == "text/event-stream":
         headers.append(("x-accel-buffering", "no"))
@@ -280,7 +296,7 @@ async def _list_models(request: Request, exchange: Exchange) -> HTTPResponse:
 
 
 async def get_model(request: Request, model_id: str) -> HTTPResponse | None:
-    return await observed(request, "models", _get_model, model_id)
+    return await observed(request, "models", _get_model, unquote(model_id))
 
 
 async def _get_model(request: Request, exchange: Exchange, model_id: str) -> HTTPResponse | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -42,7 +43,9 @@ def _prepare_metrics_dir() -> None:
     before prometheus_client is first imported (workers inherit the variable)."""
     path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if path is None:
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="rerouter-metrics-")
+        path = tempfile.mkdtemp(prefix="rerouter-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
         return
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)

@@ -18,6 +18,7 @@ def configure(log_format: str, log_level: str) -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.format_exc_info,
     ]
     if log_format == "console":
         renderer: structlog.typing.Processor = structlog.dev.ConsoleRenderer(colors=False)

@@ -79,9 +79,25 @@ def _compile_rule(key: str, target: str) -> _RegexRule:
         pattern = re.compile(key[1:-1])
     except re.error as exc:
         raise MappingError(f"key {key!r}: invalid regular expression: {exc}") from None
-    for name, number in _GROUP_REF.findall(target):
-        ref = name or number
-        known = (ref.isdigit() and int(ref) <= pattern.groups) or ref in pattern.groupindex
-        if not known:
-            raise MappingError(f"key {key!r}: target refers to unknown group {ref!r}")
+    if _octal_escape(target):
+        raise MappingError(
+            f"key {key!r}: target {target!r} has an octal escape; write \\g<0> for the whole match"
+        )
+    try:
+        # The same groups plus an empty alternative: a match to try the target's expansion on.
+        probe = re.compile(f"(?:{pattern.pattern})|").match("")
+        if probe is not None:
+            probe.expand(target)
+    except (re.error, IndexError) as exc:
+        raise MappingError(f"key {key!r}: invalid target {target!r}: {exc}") from None
     return _RegexRule(key, pattern, target)
+
+
+def _octal_escape(target: str) -> bool:
+    """``\\0`` in a template is a NUL byte to Python, though sed users mean the whole match."""
+    index = target.find("\\")
+    while index >= 0:
+        if target[index + 1 : index + 2] == "0":
+            return True
+        index = target.find("\\", index + 2)
+    return False

@@ -33,7 +33,7 @@ DURATION = Histogram(
     "rerouter_request_duration_seconds",
     "Time from request to the last byte of the response.",
     ["endpoint", "target_model"],
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300),
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 180, 300, 600),
 )
 TIME_TO_FIRST_BYTE = Histogram(
     "rerouter_time_to_first_byte_seconds",

@@ -8,6 +8,7 @@ stay byte for byte what the client sent.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from service.errors import ProxyError
 from service.mapping import ModelMap, Resolution
 
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
+_LONG_NUMBER = re.compile(rb"\d{19}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,11 +34,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(raw: bytes) -> Any:
-    """orjson first; the standard library for what orjson refuses but JSON allows (huge ints)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
+    """orjson, unless the body may hold an integer beyond 64 bits (orjson turns those into
+    floats) or orjson refuses it (lone surrogates): then the standard library."""
+    if _LONG_NUMBER.search(raw) is None:
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(raw, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
@@ -48,7 +52,7 @@ def dumps(value: Any) -> bytes:
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
-        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 def is_json(content_type: str) -> bool:
@@ -62,9 +66,14 @@ def rewrite(
     endpoint: str,
     model_map: ModelMap,
     disable_thinking: bool,
+    method: str = "POST",
 ) -> Rewritten:
-    """What to forward for this body, and how its model was resolved."""
-    if endpoint in COMPLETION_ENDPOINTS:
+    """What to forward for this body, and how its model was resolved.
+
+    A POST to the completion endpoints must carry a JSON object; their body-less GET and DELETE
+    (stored completions) pass through.
+    """
+    if endpoint in COMPLETION_ENDPOINTS and (raw or method == "POST"):
         return _rewrite_completion(raw, endpoint, model_map, disable_thinking)
     if raw and is_json(content_type):
         return _rewrite_json(raw, loads(raw), model_map)
@@ -74,9 +83,7 @@ def rewrite(
 
 
 def _rewrite_completion(raw: bytes, endpoint: str, model_map: ModelMap, disable_thinking: bool) -> Rewritten:
-    if not raw:
-        raise ProxyError(400, "request body must be a JSON object", "invalid_json")
-    body = loads(raw)
+    body = loads(raw) if raw else None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object", "invalid_json")
     resolution, changed = _resolve_in(body, model_map)

@@ -1,11 +1,14 @@
-"""The ``/no_think`` switch: Qwen3 skips its reasoning when the prompt ends with it.
+"""Switching a model's thinking off: Qwen3's ``/no_think`` prompt suffix, or the chat template's
+``enable_thinking`` flag that vLLM and SGLang pass to the template.
 
-These functions change the request's own freshly parsed body in place and return whether they
+The switch functions change the request's own freshly parsed body in place and return whether they
 changed anything, so the caller knows when the original bytes can be forwarded untouched.
 """
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any
 
 NO_THINK = "/no_think"
@@ -65,3 +68,48 @@ def disable_in_completion(body: dict[str, Any]) -> bool:
         body["prompt"] = [new if new is not None else old for new, old in zip(updated, prompt, strict=True)]
         return any(new is not None for new in updated)
     return False
+
+
+def disable_in_template(body: dict[str, Any]) -> bool:
+    """vLLM and SGLang read ``chat_template_kwargs.enable_thinking``; merge into what the client sent."""
+    kwargs = body.get("chat_template_kwargs")
+    if not isinstance(kwargs, dict):
+        kwargs = {}
+    elif kwargs.get("enable_thinking") is False:
+        return False
+    body["chat_template_kwargs"] = {**kwargs, "enable_thinking": False}
+    return True
+
+
+@dataclass(frozen=True)
+class ThinkingPolicy:
+    """Which target models get thinking switched off, how, and what happens to think blocks.
+
+    ``disable`` is True/False for every model, or a pattern the whole target id must match.
+    ``output`` None means: strip think blocks where thinking was disabled, keep them elsewhere.
+    """
+
+    disable: bool | re.Pattern[str] = False
+    switch: str = "suffix"
+    output: str | None = None
+
+    def disabled_for(self, model: str) -> bool:
+        if isinstance(self.disable, bool):
+            return self.disable
+        return self.disable.fullmatch(model) is not None
+
+    def output_for(self, model: str) -> str:
+        if self.output is not None:
+            return self.output
+        return "strip" if self.disabled_for(model) else "keep"
+
+    def apply(self, body: dict[str, Any], model: str, chat: bool) -> bool:
+        """Switch thinking off in a request for ``model``; True when the body changed."""
+        if not self.disabled_for(model):
+            return False
+        changed = False
+        if self.switch in ("suffix", "both"):
+            changed = (disable_in_chat(body) if chat else disable_in_completion(body)) or changed
+        if self.switch in ("template", "both") and chat:
+            changed = disable_in_template(body) or changed
+        return changed

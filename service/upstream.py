@@ -56,7 +56,7 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
             sock_read=settings.upstream_read_timeout,
         ),
         auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
 
 

@@ -64,21 +64,23 @@ class Proxy:
             try:
                 self.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         return self.process.returncode
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path) -> None:
+def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, workers: int) -> None:
+    """Healthy, and every worker reported ready: a SIGTERM before that can stall Sanic's manager."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}:\n{log_path.read_text()}")
         try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return
+            healthy = httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            pass
+            healthy = False
+        if healthy and log_path.read_bytes().count(b"Worker ready [") >= workers:
+            return
         time.sleep(0.1)
     raise RuntimeError(f"proxy did not become healthy:\n{log_path.read_text()}")
 
@@ -122,10 +124,11 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=Path(__file__).resolve().parent.parent,
+                start_new_session=True,
             )
         proxy = Proxy(f"http://127.0.0.1:{port}", process, log_path)
         started.append(proxy)
-        wait_until_healthy(proxy.url, process, log_path)
+        wait_until_healthy(proxy.url, process, log_path, int(settings.get("WORKERS") or 1))
         return proxy
 
     yield start

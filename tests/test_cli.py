@@ -1,0 +1,180 @@
+"""The command: --help, --version, one-line errors that exit 2 before binding, and --demo."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import __version__
+from service.config import OPTIONS
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 30
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+def clean_env(**env: str) -> dict[str, str]:
+    """The test process's environment without any rerouter setting, plus ``env``."""
+    names = {option.env for option in OPTIONS} | {"PROMETHEUS_MULTIPROC_DIR"}
+    return {**{k: v for k, v in os.environ.items() if k not in names}, **env}
+
+
+def run(*args: str, **env: str) -> Run:
+    """``python -m service`` in its own process group, killed whole if it outlives TIMEOUT."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *args],
+        env=clean_env(**env),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = process.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        pytest.fail(f"`{' '.join(args)}` with {env} still ran after {TIMEOUT}s:\n{out}\n{err}")
+    return Run(process.returncode, out, err)
+
+
+def test_help_lists_every_flag() -> None:
+    result = run("--help")
+    assert result.code == 0
+    assert result.err == ""
+    assert result.out.startswith("usage: openai-model-rerouter")
+    for option in OPTIONS:
+        assert option.flag in result.out
+        assert option.env in result.out
+    for flag in ("--demo", "--version", "--help"):
+        assert flag in result.out
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.code == 0
+    assert result.out.strip() == f"openai-model-rerouter {__version__}"
+
+
+@pytest.fixture(scope="module")
+def occupied_port() -> Iterator[int]:
+    """A port this test listens on: a proxy that tried to bind it would fail differently."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+BAD_SETTINGS: list[tuple[dict[str, str], list[str], str]] = [
+    ({"MODEL_MAP": "{not json"}, [], "MODEL_MAP"),
+    ({"MODEL_MAP": '{"/gpt-(4/": "x"}'}, [], "MODEL_MAP"),
+    ({"MODEL_MAP": '{"/gpt-4/": "\\\\1"}'}, [], "MODEL_MAP"),
+    ({"UPSTREAM_URL": "localhost:8000"}, [], "UPSTREAM_URL"),
+    ({"LISTEN_PORT": "70000"}, [], "LISTEN_PORT"),
+    ({"WORKERS": "0"}, [], "WORKERS"),
+    ({"DISABLE_THINKING": "maybe"}, [], "DISABLE_THINKING"),
+    ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT"),
+    ({"LOG_LEVEL": "verbose"}, [], "LOG_LEVEL"),
+    ({}, ["--workers", "many"], "--workers"),
+]
+
+
+def test_each_bad_setting_exits_2_with_one_line_naming_it(occupied_port: int) -> None:
+    def attempt(case: tuple[dict[str, str], list[str], str]) -> tuple[str, Run]:
+        env, args, name = case
+        base = {
+            "UPSTREAM_URL": "http://127.0.0.1:9",
+            "LISTEN_HOST": "127.0.0.1",
+            "LISTEN_PORT": str(occupied_port),
+        }
+        return name, run(*args, **{**base, **env})
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(attempt, BAD_SETTINGS))
+    for name, result in results:
+        lines = result.err.splitlines()
+        assert result.code == 2, (name, result)
+        assert len(lines) == 1, (name, result.err)
+        assert lines[0].startswith(f"openai-model-rerouter: {name}: "), (name, lines[0])
+        assert result.out == "", (name, result.out)
+
+
+def test_missing_upstream_url_exits_2_and_points_at_demo() -> None:
+    result = run(LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(free_port()))
+    assert result.code == 2
+    (line,) = result.err.splitlines()
+    assert line.startswith("openai-model-rerouter: UPSTREAM_URL: ")
+    assert "--demo" in line
+
+
+def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
+    port = free_port()
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--demo",
+                "--listen-host",
+                "127.0.0.1",
+                "--listen-port",
+                str(port),
+            ],
+            env=clean_env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            assert process.poll() is None, stderr_path.read_text()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, stderr_path.read_text()
+            time.sleep(0.1)
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "gpt-3.5-turbo-16k", "messages": [{"role": "user", "content": "hi"}]},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        assert response.json()["model"] == "demo-qwen3-4b"
+        assert "demo-qwen3-4b" in response.json()["choices"][0]["message"]["content"]
+        models = httpx.get(f"{url}/v1/models", timeout=10).json()
+        assert {m["id"] for m in models["data"]} >= {"demo-qwen3-4b", "gpt-3.5-turbo-16k"}
+        assert "built-in demo upstream" in stderr_path.read_text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 0

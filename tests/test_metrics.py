@@ -1,0 +1,276 @@
+"""Prometheus metrics of real proxy processes: names, labels, counts, the label cap, workers."""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.metrics import ModelLabels
+from tests.conftest import Proxy, StartProxy
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(proxy: Proxy) -> Samples:
+    response = httpx.get(f"{proxy.url}/metrics", timeout=10)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    return [
+        (sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    ]
+
+
+def pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (have, value)
+        for sample_name, have, value in samples
+        if sample_name == name and all(have.get(k) == v for k, v in labels.items())
+    ]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(value for _, value in pick(samples, name, **labels))
+
+
+def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """Retry ``check`` until it stops raising AssertionError (streams finish after the last byte)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def chat(proxy: Proxy, model: str, **extra: Any) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(f"{proxy.v1}/chat/completions", json=body, timeout=15)
+
+
+def chat_stream(proxy: Proxy, model: str) -> bytes:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{proxy.v1}/chat/completions", json=body, timeout=15) as response:
+        assert response.status_code == 200
+        data = response.read()
+    assert data.endswith(b"data: [DONE]\n\n")
+    return data
+
+
+def test_model_labels_cap_in_process() -> None:
+    labels = ModelLabels(2, {"alias", "target"})
+    assert [labels(m) for m in ("a", "b", "c", "a", "alias", "target", "d", "b")] == [
+        "a",
+        "b",
+        "other",
+        "a",
+        "alias",
+        "target",
+        "other",
+        "b",
+    ]
+    assert labels(None) == "none"
+
+
+# -- one proxy, a known mix of traffic ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def traffic(start_proxy: StartProxy) -> Iterator[Samples]:
+    """A fresh proxy (so counts are exact) that served a known mix of requests."""
+    proxy = start_proxy()
+    idle = scrape(proxy)
+    assert total(idle, "rerouter_requests_total") == 0, "a fresh proxy has counted nothing"
+    for _ in range(3):
+        assert chat(proxy, "gpt-3.5-turbo-16k").status_code == 200
+    for _ in range(2):
+        chat_stream(proxy, "gpt-4o")
+    assert chat(proxy, "gpt-ratelimited").status_code == 429
+    assert chat(proxy, "gpt-down").status_code == 503
+    bad = httpx.post(
+        f"{proxy.v1}/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 400
+    embed = httpx.post(f"{proxy.v1}/embeddings", json={"model": "text-embedding-3-small", "input": "x"})
+    assert embed.status_code == 200
+
+    def settled() -> Samples:
+        # Scraped again and again until the streams are booked: /metrics never counts itself.
+        samples = scrape(proxy)
+        assert total(samples, "rerouter_streams_total") == 2
+        return samples
+
+    yield eventually(settled)
+    proxy.stop()
+
+
+def test_requests_total_counts_by_endpoint_models_and_status(traffic: Samples) -> None:
+    def count(endpoint: str, source: str, target: str, status: str) -> float:
+        labels = {"endpoint": endpoint, "source_model": source, "target_model": target, "status_code": status}
+        (match,) = pick(traffic, "rerouter_requests_total", **labels)
+        assert match[0] == labels
+        return match[1]
+
+    assert count("chat/completions", "gpt-3.5-turbo-16k", "qwen3-4b", "200") == 3
+    assert count("chat/completions", "gpt-4o", "echo-model", "200") == 2
+    assert count("chat/completions", "gpt-ratelimited", "status-429", "429") == 1
+    assert count("chat/completions", "gpt-down", "status-503", "503") == 1
+    assert count("chat/completions", "none", "none", "400") == 1
+    assert count("embeddings", "text-embedding-3-small", "bge-m3", "200") == 1
+    assert len(pick(traffic, "rerouter_requests_total")) == 6
+    assert total(traffic, "rerouter_requests_total") == 9
+
+
+def test_duration_histogram_per_endpoint_and_target(traffic: Samples) -> None:
+    labels = {"endpoint": "chat/completions", "target_model": "qwen3-4b"}
+    assert total(traffic, "rerouter_request_duration_seconds_count", **labels) == 3
+    assert 0 < total(traffic, "rerouter_request_duration_seconds_sum", **labels) < 30
+    buckets = sorted(
+        (float(have["le"]), value)
+        for have, value in pick(traffic, "rerouter_request_duration_seconds_bucket", **labels)
+    )
+    assert buckets[-1] == (float("inf"), 3)
+    counts = [value for _, value in buckets]
+    assert counts == sorted(counts), "histogram buckets must be cumulative"
+    assert total(traffic, "rerouter_request_duration_seconds_count") == 9
+
+
+def test_time_to_first_byte_is_observed_for_streams_only(traffic: Samples) -> None:
+    streamed = {"endpoint": "chat/completions", "target_model": "echo-model"}
+    assert total(traffic, "rerouter_time_to_first_byte_seconds_count", **streamed) == 2
+    assert total(traffic, "rerouter_time_to_first_byte_seconds_sum", **streamed) > 0
+    assert total(traffic, "rerouter_time_to_first_byte_seconds_count", target_model="qwen3-4b") == 0
+    assert total(traffic, "rerouter_time_to_first_byte_seconds_count") == 2
+    assert total(traffic, "rerouter_streams_total", target_model="echo-model", outcome="completed") == 2
+
+
+def test_upstream_http_errors_are_counted_by_class(traffic: Samples) -> None:
+    assert total(traffic, "rerouter_upstream_errors_total", target_model="status-429", reason="http_4xx") == 1
+    assert total(traffic, "rerouter_upstream_errors_total", target_model="status-503", reason="http_5xx") == 1
+    assert total(traffic, "rerouter_upstream_errors_total") == 2
+
+
+def test_in_flight_is_back_to_zero(traffic: Samples) -> None:
+    assert pick(traffic, "rerouter_requests_in_flight") == [({}, 0.0)]
+
+
+# -- an unreachable upstream -------------------------------------------------------------------
+
+
+def test_unreachable_upstream_counts_a_connect_error(start_proxy: StartProxy) -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+        proxy = start_proxy(UPSTREAM_URL=f"http://127.0.0.1:{closed.getsockname()[1]}")
+        try:
+            response = chat(proxy, "gpt-3.5-turbo-16k")
+            assert response.status_code == 502
+            assert response.json()["error"]["code"] == "upstream_connect"
+            samples = scrape(proxy)
+        finally:
+            proxy.stop()
+    assert total(samples, "rerouter_upstream_errors_total", target_model="qwen3-4b", reason="connect") == 1
+    assert total(samples, "rerouter_upstream_errors_total") == 1
+    assert (
+        total(
+            samples,
+            "rerouter_requests_total",
+            source_model="gpt-3.5-turbo-16k",
+            target_model="qwen3-4b",
+            status_code="502",
+        )
+        == 1
+    )
+    assert pick(samples, "rerouter_requests_in_flight") == [({}, 0.0)]
+
+
+# -- the model label cap -----------------------------------------------------------------------
+
+
+def test_model_labels_are_capped_but_ids_from_the_map_keep_theirs(start_proxy: StartProxy) -> None:
+    proxy = start_proxy(METRICS_MAX_MODELS="3")
+    try:
+        unmapped = [f"cap-model-{i}" for i in range(10)]
+        for model in unmapped:
+            assert chat(proxy, model).status_code == 200
+        # Past the cap: exact aliases and their targets, and literal regex targets, keep their label.
+        assert chat(proxy, "gpt-3.5-turbo-16k").status_code == 200
+        assert chat(proxy, "gpt-4-past-the-cap").status_code == 200
+        samples = scrape(proxy)
+    finally:
+        proxy.stop()
+
+    requests = pick(samples, "rerouter_requests_total", endpoint="chat/completions")
+    by_source = {labels["source_model"]: value for labels, value in requests}
+    labelled = {source for source in by_source if source.startswith("cap-model-")}
+    assert len(labelled) <= 3
+    assert labelled == set(unmapped[:3]), "a single worker labels the first ids it sees"
+    capped = sum(by_source[source] for source in labelled) + total(
+        samples, "rerouter_requests_total", source_model="other", target_model="other"
+    )
+    assert capped == 10
+    assert not [
+        labels
+        for labels, _ in requests
+        if labels["target_model"].startswith("cap-model-") and labels["target_model"] not in labelled
+    ]
+
+    assert (
+        total(samples, "rerouter_requests_total", source_model="gpt-3.5-turbo-16k", target_model="qwen3-4b")
+        == 1
+    )
+    assert total(samples, "rerouter_requests_total", source_model="other", target_model="echo-model") == 1
+    assert total(samples, "rerouter_requests_total") == 12
+
+
+# -- several workers ---------------------------------------------------------------------------
+
+
+def test_two_workers_report_one_exact_total(start_proxy: StartProxy, tmp_path: Path) -> None:
+    metrics_dir = tmp_path / "prometheus"
+    proxy = start_proxy(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
+    try:
+
+        def both_workers_ready() -> set[int]:
+            log = proxy.log_path.read_text()
+            pids = {int(pid) for pid in re.findall(r"Worker ready \[(\d+)\]", log)}
+            assert len(pids) == 2, log
+            return pids
+
+        workers: set[int] = eventually(both_workers_ready, timeout=20)
+
+        def one(index: int) -> int:
+            # A new client per request: a new connection, so the kernel may pick either worker.
+            return chat(proxy, "gpt-3.5-turbo-16k", user=f"u{index}").status_code
+
+        sent = 0
+        served: set[int] = set()
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(6):
+                assert set(pool.map(one, range(40 if sent == 0 else 20))) == {200}
+                sent += 40 if sent == 0 else 20
+                # Each worker that counted a request owns a counter_<pid>.db file.
+                served = {int(p.stem.split("_")[1]) for p in metrics_dir.glob("counter_*.db")}
+                if served == workers:
+                    break
+        assert served == workers, f"requests were not spread over both workers: {served} vs {workers}"
+
+        labels = {"source_model": "gpt-3.5-turbo-16k", "target_model": "qwen3-4b", "status_code": "200"}
+        for _ in range(8):
+            samples = scrape(proxy)
+            assert total(samples, "rerouter_requests_total", **labels) == sent
+            assert total(samples, "rerouter_request_duration_seconds_count", target_model="qwen3-4b") == sent
+            assert pick(samples, "rerouter_requests_in_flight") == [({}, 0.0)]
+    finally:
+        proxy.stop()
