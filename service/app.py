@@ -27,6 +27,7 @@ from service import logs, metrics, payload, upstream
 from service.config import Settings
 from service.errors import ProxyError
 from service.mapping import Resolution
+from service.reasoning import ThinkStream, transform_message
 
 log = structlog.get_logger("rerouter")
 
@@ -78,6 +79,7 @@ class Exchange:
     first_byte: float | None = None
     outcome: str | None = None
     upstream_error: str | None = None
+    think_blocks: int = 0
 
     @classmethod
     def begin(cls, request: Request, endpoint: str) -> Exchange:
@@ -104,6 +106,8 @@ class Exchange:
             metrics.STREAMS.labels(self.endpoint, target_label, self.outcome).inc()
         if self.upstream_error is not None:
             metrics.UPSTREAM_ERRORS.labels(target_label, self.upstream_error).inc()
+        if self.think_blocks:
+            metrics.THINKING_STRIPPED.labels(target_label).inc(self.think_blocks)
         log.info(
             "request",
             endpoint=self.endpoint,
@@ -124,13 +128,23 @@ def create_app(settings: Settings, name: str = "openai-model-rerouter") -> Sanic
     # Streams are bounded by the upstream's between-bytes timeout; Sanic's own response timeout
     # also counts gaps inside a stream, so it must never fire first.
     app.config.RESPONSE_TIMEOUT = int(settings.upstream_connect_timeout + settings.upstream_read_timeout) + 60
+    app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_timeout
     app.ctx.settings = settings
     app.ctx.labels = metrics.ModelLabels(settings.metrics_max_models, settings.model_map.known_ids())
     app.ctx.ready = (0.0, False)
+    app.ctx.draining = False
 
     @app.before_server_start
     async def open_session(app: Sanic) -> None:
         app.ctx.session = upstream.new_session(settings)
+
+    @app.before_server_stop
+    async def drain(app: Sanic) -> None:
+        """Sanic stops listening only after this returns, then gives open requests
+        GRACEFUL_SHUTDOWN_TIMEOUT: the grace lets load balancers see /readyz fail first."""
+        app.ctx.draining = True
+        log.info("draining", grace_seconds=settings.shutdown_grace, timeout_seconds=settings.shutdown_timeout)
+        await asyncio.sleep(settings.shutdown_grace)
 
     @app.after_server_stop
     async def close_session(app: Sanic) -> None:
@@ -202,12 +216,15 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
         request.headers.get("content-type", ""),
         exchange.endpoint,
         settings.model_map,
-        settings.disable_thinking,
+        settings.thinking,
         request.method,
     )
     exchange.resolution = rewritten.resolution
     exchange.stream = rewritten.stream
-    return await _relay(request, exchange, rewritten.body)
+    think = "keep"
+    if request.method == "POST" and exchange.endpoint in payload.COMPLETION_ENDPOINTS:
+        think = settings.thinking.output_for(rewritten.resolution.target if rewritten.resolution else "")
+    return await _relay(request, exchange, rewritten.body, think)
 
 
 def _upstream_url(request: Request, path: str | None = None) -> str:
@@ -224,24 +241,51 @@ def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False)
     return headers
 
 
-async def _relay(request: Request, exchange: Exchange, body: bytes) -> HTTPResponse | None:
-    """Forward as is; stream the answer when it is an event stream or of unknown length."""
+async def _relay(
+    request: Request, exchange: Exchange, body: bytes, think: str = "keep"
+) -> HTTPResponse | None:
+    """Forward; stream the answer when it is an event stream or of unknown length.
+
+    ``think`` other than ``keep`` rewrites think blocks in a successful completion answer, which
+    needs it unencoded; otherwise the answer's bytes are relayed untouched.
+    """
     async with upstream.call(
         request.app.ctx.session,
         request.method,
         _upstream_url(request),
         data=body or None,
-        headers=_headers_up(request, exchange),
+        headers=_headers_up(request, exchange, identity=think != "keep"),
     ) as answer:
         _note_status(exchange, answer.status)
         headers = upstream.response_headers(answer.headers.items())
-        streamed = answer.content_type == "text/event-stream" or (
-            answer.content_length is None and answer.status not in (204, 304) and request.method != "HEAD"
-        )
-        if not streamed:
-            return HTTPResponse(await answer.read(), status=answer.status, headers=headers)
-        await _stream(request, exchange, answer, headers)
+        event_stream = answer.content_type == "text/event-stream"
+        transform = think != "keep" and answer.status == 200
+        chat = exchange.endpoint == "chat/completions"
+        json_to_transform = transform and answer.content_type == "application/json"
+        if not event_stream and (
+            json_to_transform
+            or answer.content_length is not None
+            or answer.status in (204, 304)
+            or request.method == "HEAD"
+        ):
+            data = await answer.read()
+            if json_to_transform:
+                data = _without_think(data, think, chat, exchange)
+            return HTTPResponse(data, status=answer.status, headers=headers)
+        stream = ThinkStream(think, chat) if transform and event_stream else None
+        await _stream(request, exchange, answer, headers, stream)
         return None
+
+
+def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> bytes:
+    try:
+        body = payload.loads(data)
+    except ProxyError:
+        return data
+    if not isinstance(body, dict):
+        return data
+    exchange.think_blocks = transform_message(body, mode, chat)
+    return payload.dumps(body) if exchange.think_blocks else data
 
 
 def _note_status(exchange: Exchange, status: int) -> None:
@@ -255,9 +299,11 @@ async def _stream(
     exchange: Exchange,
     answer: aiohttp.ClientResponse,
     headers: list[tuple[str, str]],
+    think: ThinkStream | None,
 ) -> None:
-    """Relay chunks as they arrive. An upstream failure mid-way closes the client's connection
-    without the final chunk, so the client sees a broken stream rather than a clean end."""
+    """Relay chunks as they arrive (through ``think`` when given). An upstream failure mid-way
+    closes the client's connection without the final chunk, so the client sees a broken stream
+    rather than a clean end."""
     headers = [(name, value) for name, value in headers if name.lower() != "x-request-id"]
     headers.append(("x-request-id", exchange.request_id))
     if answer.content_type == "text/event-stream":
@@ -266,9 +312,14 @@ async def _stream(
     response = await request.respond(status=answer.status, headers=headers)
     try:
         async for chunk in answer.content.iter_any():
+            data = chunk if think is None else think.feed(chunk)
+            if not data:
+                continue
             if exchange.first_byte is None:
                 exchange.first_byte = time.perf_counter()
-            await response.send(chunk)
+            await response.send(data)
+        if think is not None and (tail := think.close()):
+            await response.send(tail)
     except (TimeoutError, aiohttp.ClientError) as exc:
         exchange.outcome = "upstream_error"
         exchange.upstream_error = upstream.failure(exc).reason
@@ -276,6 +327,9 @@ async def _stream(
         if request.transport is not None:
             request.transport.close()
         return
+    finally:
+        if think is not None:
+            exchange.think_blocks = think.stripped
     await response.eof()
     exchange.outcome = "completed"
 
@@ -352,6 +406,8 @@ async def healthz(request: Request) -> HTTPResponse:
 async def readyz(request: Request) -> HTTPResponse:
     """200 while the upstream answers HTTP at all (any status below 500), probed at most every
     few seconds per worker so a busy kubelet cannot turn probes into upstream load."""
+    if request.app.ctx.draining:
+        return ProxyError(503, "the proxy is shutting down", "shutting_down").response()
     checked, ready = request.app.ctx.ready
     now = time.monotonic()
     if now - checked >= READY_CACHE_SECONDS:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
 from service import __version__
-from service.mapping import MappingError, ModelMap
+from service.mapping import MappingError, ModelMap, is_regex_key
+from service.thinking import ThinkingPolicy
 
 DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
 
@@ -28,7 +31,9 @@ class ConfigError(ValueError):
 class Settings:
     upstream_url: str
     model_map: ModelMap = field(default_factory=lambda: ModelMap.parse({}))
-    disable_thinking: bool = False
+    disable_thinking: bool | re.Pattern[str] = False
+    thinking_switch: str = "suffix"
+    think_output: str | None = None
     listen_host: str = "0.0.0.0"
     listen_port: int = 1234
     workers: int = 1
@@ -37,7 +42,13 @@ class Settings:
     metrics_max_models: int = 100
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0
+    shutdown_grace: float = 5.0
+    shutdown_timeout: float = 30.0
     demo: bool = False
+
+    @cached_property
+    def thinking(self) -> ThinkingPolicy:
+        return ThinkingPolicy(self.disable_thinking, self.thinking_switch, self.think_output)
 
     def upstream(self, path: str) -> str:
         """The upstream URL for a ``/v1/...`` path (raw, query string included)."""
@@ -72,6 +83,17 @@ def parse_model_map(value: str) -> ModelMap:
         raise ValueError(str(exc)) from None
 
 
+def parse_thinking_scope(value: str) -> bool | re.Pattern[str]:
+    """true/false for every model, or a ``/regex/`` the whole target model id must match."""
+    stripped = value.strip()
+    if not is_regex_key(stripped):
+        return parse_bool(stripped)
+    try:
+        return re.compile(stripped[1:-1])
+    except re.error as exc:
+        raise ValueError(f"invalid regular expression: {exc}") from None
+
+
 def parse_bool(value: str) -> bool:
     lowered = value.strip().lower()
     if lowered in ("true", "1", "yes", "on"):
@@ -94,14 +116,18 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
-def _positive_seconds(value: str) -> float:
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        raise ValueError(f"expected seconds, got {value!r}") from None
-    if not seconds > 0 or seconds == float("inf"):
-        raise ValueError(f"expected a positive number of seconds, got {value!r}")
-    return seconds
+def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
+    def parse(value: str) -> float:
+        try:
+            seconds = float(value.strip())
+        except ValueError:
+            raise ValueError(f"expected seconds, got {value!r}") from None
+        if not (seconds >= 0 if zero_ok else seconds > 0) or seconds == float("inf"):
+            kind = "a non-negative" if zero_ok else "a positive"
+            raise ValueError(f"expected {kind} number of seconds, got {value!r}")
+        return seconds
+
+    return parse
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -135,7 +161,24 @@ class _Option:
 OPTIONS = (
     _Option("UPSTREAM_URL", "upstream_url", parse_upstream_url, "OpenAI-compatible server base URL"),
     _Option("MODEL_MAP", "model_map", parse_model_map, "JSON object: source id or /regex/ -> target"),
-    _Option("DISABLE_THINKING", "disable_thinking", parse_bool, "append ' /no_think' to prompts"),
+    _Option(
+        "DISABLE_THINKING",
+        "disable_thinking",
+        parse_thinking_scope,
+        "switch thinking off: true/false, or /regex/ of target models",
+    ),
+    _Option(
+        "THINKING_SWITCH",
+        "thinking_switch",
+        _choice("suffix", "template", "both"),
+        "how: suffix (' /no_think'), template (enable_thinking=false) or both",
+    ),
+    _Option(
+        "THINK_OUTPUT",
+        "think_output",
+        _choice("strip", "keep", "reasoning"),
+        "<think> blocks in answers: strip, keep or reasoning (default: strip where disabled)",
+    ),
     _Option("LISTEN_HOST", "listen_host", _host, "address to listen on (default 0.0.0.0)"),
     _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),
     _Option("WORKERS", "workers", _int_between(1, 256), "worker processes (default 1)"),
@@ -155,14 +198,26 @@ OPTIONS = (
     _Option(
         "UPSTREAM_CONNECT_TIMEOUT",
         "upstream_connect_timeout",
-        _positive_seconds,
+        _seconds(zero_ok=False),
         "seconds to open an upstream connection (default 10)",
     ),
     _Option(
         "UPSTREAM_READ_TIMEOUT",
         "upstream_read_timeout",
-        _positive_seconds,
+        _seconds(zero_ok=False),
         "seconds the upstream may stay silent, streams included (default 600)",
+    ),
+    _Option(
+        "SHUTDOWN_GRACE",
+        "shutdown_grace",
+        _seconds(zero_ok=True),
+        "on SIGTERM, seconds /readyz says 503 while new connections are still accepted (default 5)",
+    ),
+    _Option(
+        "SHUTDOWN_TIMEOUT",
+        "shutdown_timeout",
+        _seconds(zero_ok=True),
+        "then, seconds in-flight requests and streams may take to finish (default 30)",
     ),
 )
 

@@ -44,7 +44,7 @@ class ModelMap:
         for key, target in raw.items():
             if not isinstance(target, str) or not target:
                 raise MappingError(f"key {key!r}: target must be a non-empty string")
-            if _is_regex(key):
+            if is_regex_key(key):
                 regexes.append(_compile_rule(key, target))
             else:
                 exact[key] = target
@@ -70,7 +70,7 @@ class ModelMap:
         return set(self.exact) | set(self.exact.values()) | targets
 
 
-def _is_regex(key: str) -> bool:
+def is_regex_key(key: str) -> bool:
     return len(key) >= 2 and key.startswith("/") and key.endswith("/")
 
 

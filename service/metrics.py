@@ -51,6 +51,11 @@ UPSTREAM_ERRORS = Counter(
     "Upstream failures the proxy saw: connect, timeout, disconnected, http_4xx, http_5xx.",
     ["target_model", "reason"],
 )
+THINKING_STRIPPED = Counter(
+    "rerouter_thinking_stripped_total",
+    "Think blocks taken out of answers (dropped, or moved to reasoning_content).",
+    ["target_model"],
+)
 IN_FLIGHT = Gauge(
     "rerouter_requests_in_flight",
     "Requests being served right now, all workers together.",

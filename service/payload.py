@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 
-from service import thinking
 from service.errors import ProxyError
 from service.mapping import ModelMap, Resolution
+from service.thinking import ThinkingPolicy
 
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 _LONG_NUMBER = re.compile(rb"\d{19}")
@@ -65,7 +65,7 @@ def rewrite(
     content_type: str,
     endpoint: str,
     model_map: ModelMap,
-    disable_thinking: bool,
+    thinking: ThinkingPolicy,
     method: str = "POST",
 ) -> Rewritten:
     """What to forward for this body, and how its model was resolved.
@@ -74,7 +74,7 @@ def rewrite(
     (stored completions) pass through.
     """
     if endpoint in COMPLETION_ENDPOINTS and (raw or method == "POST"):
-        return _rewrite_completion(raw, endpoint, model_map, disable_thinking)
+        return _rewrite_completion(raw, endpoint, model_map, thinking)
     if raw and is_json(content_type):
         return _rewrite_json(raw, loads(raw), model_map)
     if raw and content_type.lower().startswith("multipart/form-data"):
@@ -82,16 +82,15 @@ def rewrite(
     return Rewritten(raw, None)
 
 
-def _rewrite_completion(raw: bytes, endpoint: str, model_map: ModelMap, disable_thinking: bool) -> Rewritten:
+def _rewrite_completion(
+    raw: bytes, endpoint: str, model_map: ModelMap, thinking: ThinkingPolicy
+) -> Rewritten:
     body = loads(raw) if raw else None
     if not isinstance(body, dict):
         raise ProxyError(400, "request body must be a JSON object", "invalid_json")
     resolution, changed = _resolve_in(body, model_map)
-    if disable_thinking:
-        switch = (
-            thinking.disable_in_chat if endpoint == "chat/completions" else thinking.disable_in_completion
-        )
-        changed = switch(body) or changed
+    target = resolution.target if resolution else ""
+    changed = thinking.apply(body, target, chat=endpoint == "chat/completions") or changed
     return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
 
 

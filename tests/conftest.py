@@ -111,6 +111,7 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
             "MODEL_MAP": orjson.dumps(DEFAULT_MAP).decode(),
             "LISTEN_HOST": "127.0.0.1",
             "LISTEN_PORT": str(port),
+            "SHUTDOWN_GRACE": "0",
             **env,
         }
         full_env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}

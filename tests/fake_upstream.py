@@ -6,9 +6,22 @@ model it is asked for, so one server covers every case:
 - any other model: answers like a model server; chat replies ``reply from <model>``, streams
   word by word (``stream: true``) with a usage chunk when ``stream_options.include_usage``;
 - ``slow-stream``: an event every 50 ms for 10 s; notes when the client went away;
+  ``slow-stream-<n>``: the same with n events;
 - ``die-mid-stream``: three events, then the connection is cut without ending the body;
 - ``hang``: sleeps 30 s before any header;
-- ``status-<code>``: answers that status in OpenAI's error shape, ``Retry-After: 7`` on 429.
+- ``status-<code>``: answers that status in OpenAI's error shape, ``Retry-After: 7`` on 429;
+- ``qwen3-think...`` (also after an ``org/`` prefix): a Qwen3-like thinking model. Choice ``i``
+  answers ``QWEN_EMPTY_THINK`` + ``answer <i> from <model>`` when thinking is off (the last user
+  message, or the prompt, ends with ``/no_think``, or ``chat_template_kwargs.enable_thinking`` is
+  false), else ``QWEN_FULL_THINK`` + that answer. Honours ``n`` and chat or completions. Streams
+  cut the text into small pieces that split the tags across events (``QWEN_PIECES``): a role
+  chunk per choice first (chat), choices interleaved by index, a finish_reason chunk per choice,
+  a usage chunk when ``stream_options.include_usage``, then ``[DONE]``; every byte is
+  deterministic so two identical requests get identical answers, and its JSON is spaced
+  (``{"id": ...``) so anything that re-encodes an event shows. ``qwen3-think...-chunked``
+  sends its non-streamed JSON without Content-Length, in chunked transfer encoding (as Go's
+  net/http does for bodies over 2 KB, e.g. Ollama);
+- ``qwen3-instruct...``: the same model without thinking: the same answers and events, no tags.
 
 Non-completion paths echo what they received as JSON.
 """
@@ -17,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +42,27 @@ from aiohttp import web
 MODELS = ["echo-model", "qwen3-4b", "Qwen/Qwen3-4B"]
 SLOW_EVENTS = 200
 SLOW_INTERVAL = 0.05
+QWEN_EMPTY_THINK = "<think>\n\n</think>\n\n"
+QWEN_FULL_THINK = "<think>\nLet me think about it.\n</think>\n\n"
+QWEN_REASONING = "\nLet me think about it.\n"
+QWEN_ID = "chatcmpl-qwen-fake"
+QWEN_TEXT_ID = "cmpl-qwen-fake"
+# The sizes the text is cut into, in turn: "<th", "ink>", "\n\n</", "think>", "\n\n", ...
+QWEN_PIECES = (3, 4, 4, 6, 2, 5)
+QWEN_USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+
+
+def is_qwen_thinker(model: str) -> bool:
+    return model.rsplit("/", 1)[-1].startswith("qwen3-think")
+
+
+def is_qwen(model: str) -> bool:
+    return is_qwen_thinker(model) or model.rsplit("/", 1)[-1].startswith("qwen3-instruct")
+
+
+def qwen_answer(model: str, index: int) -> str:
+    """The text after the think block of choice ``index``."""
+    return f"answer {index} from {model}"
 
 
 @dataclass
@@ -109,6 +144,8 @@ class FakeUpstream:
         if model == "hang":
             await asyncio.sleep(30)
         chat = request.path.endswith("chat/completions")
+        if is_qwen(model):
+            return await self._qwen(request, body, chat)
         if body.get("stream"):
             return await self._stream(request, body, chat)
         text = f"reply from {model}"
@@ -128,8 +165,9 @@ class FakeUpstream:
         model = str(body["model"])
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
-        if model == "slow-stream":
-            return await self._slow(response, model, chat)
+        if model.startswith("slow-stream"):
+            count = model.removeprefix("slow-stream").removeprefix("-")
+            return await self._slow(response, model, chat, int(count or SLOW_EVENTS))
         words = f"reply from {model}".split(" ")
         for index, word in enumerate(words):
             await response.write(_event(model, chat, word if index == 0 else f" {word}"))
@@ -144,10 +182,69 @@ class FakeUpstream:
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    async def _slow(self, response: web.StreamResponse, model: str, chat: bool) -> web.StreamResponse:
+    async def _qwen(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
+        model = str(body["model"])
+        n = body["n"] if isinstance(body.get("n"), int) else 1
+        think = QWEN_FULL_THINK if _thinking_on(body, chat) else QWEN_EMPTY_THINK
+        if not is_qwen_thinker(model):
+            think = ""
+        texts = [think + qwen_answer(model, index) for index in range(n)]
+        envelope = {
+            "id": QWEN_ID if chat else QWEN_TEXT_ID,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": 1,
+            "model": model,
+        }
+        stop = "stop"
+        if not body.get("stream"):
+            choices = [
+                {"index": i, **_qwen_text(chat, text, message=True), "logprobs": None, "finish_reason": stop}
+                for i, text in enumerate(texts)
+            ]
+            whole = {**envelope, "choices": choices, "usage": QWEN_USAGE}
+            if not model.endswith("-chunked"):
+                return web.json_response(whole)
+            chunked = web.StreamResponse(headers={"Content-Type": "application/json"})
+            chunked.enable_chunked_encoding()
+            await chunked.prepare(request)
+            data = json.dumps(whole).encode()
+            await chunked.write(data[: len(data) // 2])
+            await chunked.write(data[len(data) // 2 :])
+            await chunked.write_eof()
+            return chunked
+        envelope["object"] = "chat.completion.chunk" if chat else "text_completion"
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(choices: list[dict[str, Any]], **extra: Any) -> None:
+            chunk = {**envelope, "choices": choices, **extra}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+
+        if chat:
+            for i in range(n):
+                delta = {"role": "assistant", "content": ""}
+                await send([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+        pieces = [_cut(text) for text in texts]
+        for step in range(max(len(cut) for cut in pieces)):
+            for i, cut in enumerate(pieces):
+                if step < len(cut):
+                    fields = _qwen_text(chat, cut[step], message=False)
+                    await send([{"index": i, **fields, "logprobs": None, "finish_reason": None}])
+        for i in range(n):
+            fields = {"delta": {}} if chat else {"text": ""}
+            await send([{"index": i, **fields, "logprobs": None, "finish_reason": stop}])
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            await send([], usage=QWEN_USAGE)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async def _slow(
+        self, response: web.StreamResponse, model: str, chat: bool, count: int
+    ) -> web.StreamResponse:
         sent = 0
         try:
-            for _ in range(SLOW_EVENTS):
+            for _ in range(count):
                 await response.write(_event(model, chat, "tick "))
                 sent += 1
                 await asyncio.sleep(SLOW_INTERVAL)
@@ -168,6 +265,39 @@ def _event(model: str, chat: bool, text: str) -> bytes:
         kind = "text_completion"
     chunk = {"id": "cmpl-fake", "object": kind, "created": 1, "model": model, "choices": [choice]}
     return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+
+def _thinking_on(body: dict[str, Any], chat: bool) -> bool:
+    """Qwen3's switches: ``enable_thinking: false`` in the template, or ``/no_think`` at the end."""
+    kwargs = body.get("chat_template_kwargs")
+    if chat and isinstance(kwargs, dict) and kwargs.get("enable_thinking") is False:
+        return False
+    if not chat:
+        prompt = body.get("prompt")
+        last = prompt[-1] if isinstance(prompt, list) and prompt else prompt
+        return not (isinstance(last, str) and last.rstrip().endswith("/no_think"))
+    users = [m for m in body.get("messages", []) if isinstance(m, dict) and m.get("role") == "user"]
+    content = users[-1].get("content") if users else None
+    if isinstance(content, list):
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        content = "".join(t for t in texts if isinstance(t, str))
+    return not (isinstance(content, str) and content.rstrip().endswith("/no_think"))
+
+
+def _qwen_text(chat: bool, text: str, *, message: bool) -> dict[str, Any]:
+    if not chat:
+        return {"text": text}
+    return {"message": {"role": "assistant", "content": text}} if message else {"delta": {"content": text}}
+
+
+def _cut(text: str) -> list[str]:
+    """``text`` in pieces of the sizes ``QWEN_PIECES`` names, in turn."""
+    pieces, start, turn = [], 0, 0
+    while start < len(text):
+        size = QWEN_PIECES[turn % len(QWEN_PIECES)]
+        pieces.append(text[start : start + size])
+        start, turn = start + size, turn + 1
+    return pieces
 
 
 def _error(status: int, message: str) -> web.Response:

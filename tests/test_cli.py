@@ -141,7 +141,7 @@ def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
                 "--listen-port",
                 str(port),
             ],
-            env=clean_env(),
+            env=clean_env(SHUTDOWN_GRACE="0"),
             cwd=ROOT,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -124,6 +124,8 @@ def test_config_error_is_a_value_error() -> None:
         ("0", False),
         ("no", False),
         ("off", False),
+        (" true ", True),
+        ("", False),
     ],
 )
 def test_boolean_spellings(raw: str, expected: bool) -> None:

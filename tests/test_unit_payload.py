@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from service import payload
 from service.errors import ProxyError
 from service.mapping import ModelMap
-from service.thinking import NO_THINK
+from service.thinking import NO_THINK, ThinkingPolicy
 
 MAP = ModelMap.parse(
     {
@@ -27,9 +27,8 @@ JSON = "application/json"
 
 
 def rewrite(raw: bytes, endpoint: str = "chat/completions", content_type: str = JSON, **kw: Any) -> Any:
-    return payload.rewrite(
-        raw, content_type, endpoint, MAP, kw.get("disable_thinking", False), kw.get("method", "POST")
-    )
+    policy = ThinkingPolicy(disable=kw.get("disable_thinking", False))
+    return payload.rewrite(raw, content_type, endpoint, MAP, policy, kw.get("method", "POST"))
 
 
 # -- completion endpoints: a JSON object is required ------------------------------------------

@@ -1,0 +1,105 @@
+"""Server-sent events from the upstream's byte stream, cut into events without re-encoding them.
+
+Each event keeps the exact bytes it arrived as, so the proxy can relay what it does not change
+byte for byte and re-encode only what it rewrites. Network chunks may split an event anywhere,
+even inside a UTF-8 character or between the two bytes of a CRLF.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+_LINE_END = re.compile(rb"\r\n|\r|\n")
+_BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True, slots=True)
+class SSEEvent:
+    """One event: its original bytes (up to and including the blank line) and its joined data.
+
+    ``data`` is None when the event has no data field at all (a comment, a stray blank line).
+    """
+
+    raw: bytes
+    data: str | None
+
+
+class SSEParser:
+    """Incremental parser: feed chunks as they arrive, close at the end of the stream."""
+
+    def __init__(self) -> None:
+        self._line = bytearray()
+        self._raw = bytearray()
+        self._data: list[bytes] = []
+        self._after_cr = False
+        self._first_line = True
+
+    def feed(self, chunk: bytes) -> list[SSEEvent]:
+        """The events this chunk completes; an unfinished line or event waits for more."""
+        events: list[SSEEvent] = []
+        if chunk and self._after_cr:
+            # A CR ended the previous chunk and its line at once, so nothing waits on the
+            # network; an LF now completes that CRLF and belongs to the bytes already parsed.
+            self._after_cr = False
+            if chunk.startswith(b"\n"):
+                chunk = chunk[1:]
+                if self._raw:
+                    self._raw += b"\n"
+                else:
+                    events.append(SSEEvent(b"\n", None))
+        scanned = len(self._line)
+        self._line += chunk
+        buffer = self._line
+        start = 0
+        while (match := _LINE_END.search(buffer, scanned)) is not None:
+            self._raw += buffer[start : match.end()]
+            event = self._take_line(bytes(buffer[start : match.start()]))
+            if event is not None:
+                events.append(event)
+            start = scanned = match.end()
+            self._after_cr = match.end() == len(buffer) and match.group() == b"\r"
+        del buffer[:start]
+        return events
+
+    def close(self) -> list[SSEEvent]:
+        """The last event when the stream ended without its blank line; the parser starts over."""
+        events: list[SSEEvent] = []
+        if self._line:
+            self._raw += self._line
+            event = self._take_line(bytes(self._line))
+            if event is not None:
+                events.append(event)
+        if self._raw:
+            events.append(self._dispatch())
+        self._line.clear()
+        self._after_cr = False
+        self._first_line = True
+        return events
+
+    def _take_line(self, line: bytes) -> SSEEvent | None:
+        if self._first_line:
+            self._first_line = False
+            line = line.removeprefix(_BOM)
+        if not line:
+            return self._dispatch()
+        if line.startswith(b":"):
+            return None
+        name, _, value = line.partition(b":")
+        if name == b"data":
+            self._data.append(value.removeprefix(b" "))
+        return None
+
+    def _dispatch(self) -> SSEEvent:
+        data = b"\n".join(self._data).decode("utf-8", "replace") if self._data else None
+        event = SSEEvent(bytes(self._raw), data)
+        self._raw.clear()
+        self._data = []
+        return event
+
+
+def encode_data(data: bytes | str) -> bytes:
+    """A data-only event; text with line breaks becomes several data lines, as the spec joins them."""
+    if isinstance(data, str):
+        data = data.encode()
+    return b"".join(b"data: " + line + b"\n" for line in _LINE_END.split(data)) + b"\n"

@@ -1,0 +1,182 @@
+"""SSEParser: events cut from any chunking of a stream, exact raw bytes, data joined per the spec."""
+
+from __future__ import annotations
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.sse import SSEEvent, SSEParser, encode_data
+
+
+def parse(*chunks: bytes) -> list[SSEEvent]:
+    parser = SSEParser()
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    return events + parser.close()
+
+
+def split_at(stream: bytes, cuts: list[int]) -> list[bytes]:
+    bounds = [0, *sorted(cuts), len(stream)]
+    return [stream[start:end] for start, end in itertools.pairwise(bounds)]
+
+
+def test_one_event_per_blank_line_with_its_exact_bytes() -> None:
+    stream = b'data: {"a": 1}\n\ndata: {"b": 2}\n\n'
+    assert parse(stream) == [
+        SSEEvent(b'data: {"a": 1}\n\n', '{"a": 1}'),
+        SSEEvent(b'data: {"b": 2}\n\n', '{"b": 2}'),
+    ]
+
+
+def test_an_event_is_returned_as_soon_as_its_blank_line_arrives() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: par") == []
+    assert parser.feed(b"tial\n") == []
+    assert parser.feed(b"\n") == [SSEEvent(b"data: partial\n\n", "partial")]
+    assert parser.close() == []
+
+
+def test_several_data_lines_are_joined_with_newlines() -> None:
+    assert parse(b"data: first\ndata:second\ndata:  third\ndata\n\n") == [
+        SSEEvent(b"data: first\ndata:second\ndata:  third\ndata\n\n", "first\nsecond\n third\n")
+    ]
+
+
+def test_comments_have_no_data_and_keep_their_bytes() -> None:
+    stream = b": keep-alive\n\ndata: x\n: inline comment\n\n"
+    assert parse(stream) == [
+        SSEEvent(b": keep-alive\n\n", None),
+        SSEEvent(b"data: x\n: inline comment\n\n", "x"),
+    ]
+
+
+def test_other_fields_stay_in_raw_but_not_in_data() -> None:
+    stream = b"event: message\nid: 7\nretry: 1000\ndata: x\nnonsense\n\nevent: ping\n\n"
+    assert parse(stream) == [
+        SSEEvent(b"event: message\nid: 7\nretry: 1000\ndata: x\nnonsense\n\n", "x"),
+        SSEEvent(b"event: ping\n\n", None),
+    ]
+
+
+def test_an_empty_data_field_is_data_not_none() -> None:
+    assert parse(b"data:\n\n") == [SSEEvent(b"data:\n\n", "")]
+
+
+def test_crlf_line_ends() -> None:
+    stream = b"data: a\r\ndata: b\r\n\r\n: c\r\n\r\n"
+    assert parse(stream) == [SSEEvent(b"data: a\r\ndata: b\r\n\r\n", "a\nb"), SSEEvent(b": c\r\n\r\n", None)]
+
+
+def test_cr_line_ends() -> None:
+    stream = b"data: a\rdata: b\r\rdata: c\r\r"
+    assert parse(stream) == [SSEEvent(b"data: a\rdata: b\r\r", "a\nb"), SSEEvent(b"data: c\r\r", "c")]
+
+
+def test_a_cr_ending_a_chunk_ends_its_line_without_waiting() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r\n\r") == [SSEEvent(b"data: a\r\n\r", "a")]
+    # The LF completing that CRLF comes out on its own, so no byte is lost or delayed.
+    assert parser.feed(b"\ndata: b\r") == [SSEEvent(b"\n", None)]
+    assert parser.feed(b"\n\r\n") == [SSEEvent(b"data: b\r\n\r\n", "b")]
+    assert parser.close() == []
+
+
+def test_a_cr_then_a_line_that_is_not_lf_is_a_line_end() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a\r") == []
+    assert parser.feed(b"data: b\r") == []
+    assert parser.feed(b"\r") == [SSEEvent(b"data: a\rdata: b\r\r", "a\nb")]
+
+
+def test_a_multibyte_character_split_across_chunks() -> None:
+    stream = "data: héllo ✓ 🚀\n\n".encode()
+    chunks = [stream[i : i + 1] for i in range(len(stream))]
+    assert parse(*chunks) == [SSEEvent(stream, "héllo ✓ 🚀")]
+
+
+def test_invalid_utf8_is_replaced_in_data_but_raw_stays_exact() -> None:
+    stream = b"data: a\xffb\xe2\x9c\n\n"
+    assert parse(stream) == [SSEEvent(stream, "a\ufffdb\ufffd")]
+
+
+def test_close_returns_the_last_event_without_its_blank_line() -> None:
+    assert parse(b"data: a\n\ndata: b\n") == [SSEEvent(b"data: a\n\n", "a"), SSEEvent(b"data: b\n", "b")]
+    assert parse(b"data: a\n\ndata: b") == [SSEEvent(b"data: a\n\n", "a"), SSEEvent(b"data: b", "b")]
+    assert parse(b": only a comment") == [SSEEvent(b": only a comment", None)]
+    assert parse(b"") == []
+
+
+def test_extra_blank_lines_are_data_less_events() -> None:
+    assert parse(b"\n\ndata: a\n\n\n") == [
+        SSEEvent(b"\n", None),
+        SSEEvent(b"\n", None),
+        SSEEvent(b"data: a\n\n", "a"),
+        SSEEvent(b"\n", None),
+    ]
+
+
+def test_a_leading_byte_order_mark_is_ignored_for_parsing_only() -> None:
+    stream = b"\xef\xbb\xbfdata: a\n\n\xef\xbb\xbfdata: b\n\n"
+    assert parse(stream) == [
+        SSEEvent(b"\xef\xbb\xbfdata: a\n\n", "a"),
+        SSEEvent(b"\xef\xbb\xbfdata: b\n\n", None),
+    ]
+
+
+def test_the_parser_starts_over_after_close() -> None:
+    parser = SSEParser()
+    assert parser.feed(b"data: a") == []
+    assert parser.close() == [SSEEvent(b"data: a", "a")]
+    assert parser.feed(b"data: b\n\n") == [SSEEvent(b"data: b\n\n", "b")]
+
+
+def test_encode_data_writes_one_line_for_json() -> None:
+    assert encode_data(b'{"a":1}') == b'data: {"a":1}\n\n'
+    assert encode_data('{"é":"✓"}') == 'data: {"é":"✓"}\n\n'.encode()
+    assert encode_data("[DONE]") == b"data: [DONE]\n\n"
+
+
+def test_encode_data_writes_one_data_line_per_line() -> None:
+    assert encode_data("a\nb\r\nc\rd") == b"data: a\ndata: b\ndata: c\ndata: d\n\n"
+    assert parse(encode_data("a\n\n b")) == [SSEEvent(b"data: a\ndata: \ndata:  b\n\n", "a\n\n b")]
+
+
+# Pieces of streams: fields, comments, every kind of line end, multi-byte and invalid bytes.
+pieces = st.sampled_from(
+    [
+        b"data: ",
+        b"data:",
+        b"data",
+        b"event: x",
+        b": keep-alive",
+        b"id: 1",
+        b"\n",
+        b"\r\n",
+        b"\r",
+        b'{"a": 1}',
+        "é✓🚀".encode(),
+        b"\xff\xe2",
+        b"x",
+        b" ",
+        b":",
+    ]
+)
+streams = st.lists(pieces, max_size=40).map(b"".join)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), stream=streams)
+def test_raw_bytes_of_all_events_are_the_stream_for_any_chunking(data: st.DataObject, stream: bytes) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    events = parse(*split_at(stream, cuts))
+    assert b"".join(event.raw for event in events) == stream
+    whole = parse(stream)
+    assert [e.data for e in events if e.data is not None] == [e.data for e in whole if e.data is not None]
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=40).filter(lambda t: "\r" not in t))
+def test_encode_data_round_trips_through_the_parser(text: str) -> None:
+    encoded = encode_data(text)
+    assert parse(encoded) == [SSEEvent(encoded, text)]
