@@ -28,3 +28,29 @@ format: install
 
 test: lint
 	$(BIN)/pytest
+
+# One file for a host with nothing but Python (the minor version and platform this builds with,
+# for the compiled dependencies): python3 dist/openai-model-rerouter.pyz --help.
+# build/ goes first: setuptools would package modules left there by an earlier build.
+.PHONY: zipapp
+zipapp: install
+	rm -rf build
+	mkdir -p dist
+	$(BIN)/shiv -c openai-model-rerouter -o dist/openai-model-rerouter.pyz .
+
+# Debian's prometheus package (promtool, and a server the tests start on a port of their own), for
+# tests/test_prometheus.py; skipped when both are on PATH. Needs root or sudo; CI runs it first.
+.PHONY: system-deps
+system-deps:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then \
+		echo "system-deps: promtool and prometheus are installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "system-deps: no apt-get here; install Prometheus (promtool, prometheus) yourself" >&2; exit 1; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then sudo=; \
+		elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+		else echo "system-deps: apt-get needs root or sudo" >&2; exit 1; fi; \
+		set -x; \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
+	fi
