@@ -23,7 +23,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import logs, metrics, payload, upstream
+from service import access, logs, metrics, payload, reload, upstream
 from service.config import Settings
 from service.errors import ProxyError
 from service.mapping import Resolution
@@ -72,6 +72,7 @@ class Exchange:
 
     request_id: str
     endpoint: str
+    settings: Settings
     started: float = field(default_factory=time.perf_counter)
     resolution: Resolution | None = None
     stream: bool = False
@@ -88,7 +89,7 @@ class Exchange:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         metrics.IN_FLIGHT.inc()
-        return cls(request_id, endpoint)
+        return cls(request_id, endpoint, request.app.ctx.settings)
 
     def finish(self, labels: metrics.ModelLabels) -> None:
         duration = time.perf_counter() - self.started
@@ -122,13 +123,17 @@ class Exchange:
         )
 
 
-def create_app(settings: Settings, name: str = "openai-model-rerouter") -> Sanic:
+def create_app(
+    settings: Settings, sources: reload.Sources | None = None, name: str = "openai-model-rerouter"
+) -> Sanic:
+    """The app for one worker; with ``sources`` it re-reads its settings on change and SIGHUP."""
     logs.configure(settings.log_format, settings.log_level)
     app = Sanic(name)
     # Streams are bounded by the upstream's between-bytes timeout; Sanic's own response timeout
     # also counts gaps inside a stream, so it must never fire first.
-    app.config.RESPONSE_TIMEOUT = int(settings.upstream_connect_timeout + settings.upstream_read_timeout) + 60
+    app.config.RESPONSE_TIMEOUT = settings.response_timeout
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_timeout
+    app.config.REQUEST_MAX_SIZE = settings.max_request_bytes
     app.ctx.settings = settings
     app.ctx.labels = metrics.ModelLabels(settings.metrics_max_models, settings.model_map.known_ids())
     app.ctx.ready = (0.0, False)
@@ -138,13 +143,20 @@ def create_app(settings: Settings, name: str = "openai-model-rerouter") -> Sanic
     async def open_session(app: Sanic) -> None:
         app.ctx.session = upstream.new_session(settings)
 
+    if sources is not None:
+
+        @app.after_server_start
+        async def watch_config(app: Sanic) -> None:
+            app.add_task(reload.watch(app, sources), name="config-watch")
+
     @app.before_server_stop
     async def drain(app: Sanic) -> None:
         """Sanic stops listening only after this returns, then gives open requests
         GRACEFUL_SHUTDOWN_TIMEOUT: the grace lets load balancers see /readyz fail first."""
         app.ctx.draining = True
-        log.info("draining", grace_seconds=settings.shutdown_grace, timeout_seconds=settings.shutdown_timeout)
-        await asyncio.sleep(settings.shutdown_grace)
+        current: Settings = app.ctx.settings
+        log.info("draining", grace_seconds=current.shutdown_grace, timeout_seconds=current.shutdown_timeout)
+        await asyncio.sleep(current.shutdown_grace)
 
     @app.after_server_stop
     async def close_session(app: Sanic) -> None:
@@ -178,6 +190,9 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     """Run a proxied handler with its bookkeeping: request id, errors, metrics, one log event."""
     exchange = Exchange.begin(request, endpoint)
     try:
+        access.check_path(request.path)
+        if exchange.settings.api_keys:
+            access.check_key(exchange.settings.api_keys, request.headers.items())
         response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
@@ -210,7 +225,7 @@ async def proxy(request: Request, path: str) -> HTTPResponse | None:
 
 
 async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
-    settings: Settings = request.app.ctx.settings
+    settings = exchange.settings
     rewritten = payload.rewrite(
         request.body,
         request.headers.get("content-type", ""),
@@ -227,14 +242,18 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     return await _relay(request, exchange, rewritten.body, think)
 
 
-def _upstream_url(request: Request, path: str | None = None) -> str:
-    settings: Settings = request.app.ctx.settings
+def _upstream_url(request: Request, settings: Settings, path: str | None = None) -> str:
     query = request.query_string
     return settings.upstream((path or request.path) + (f"?{query}" if query else ""))
 
 
 def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False) -> Any:
-    headers = upstream.request_headers(request.headers.items())
+    """The client's headers for the upstream; UPSTREAM_API_KEY replaces the client's credential."""
+    key = exchange.settings.upstream_api_key
+    items = request.headers.items()
+    headers = upstream.request_headers(access.without_credentials(items) if key else items)
+    if key:
+        headers["authorization"] = f"Bearer {key}"
     headers["x-request-id"] = exchange.request_id
     if identity:
         headers["accept-encoding"] = "identity"
@@ -252,9 +271,10 @@ async def _relay(
     async with upstream.call(
         request.app.ctx.session,
         request.method,
-        _upstream_url(request),
+        _upstream_url(request, exchange.settings),
         data=body or None,
         headers=_headers_up(request, exchange, identity=think != "keep"),
+        limits=upstream.limits(exchange.settings, whole=not exchange.stream),
     ) as answer:
         _note_status(exchange, answer.status)
         headers = upstream.response_headers(answer.headers.items())
@@ -344,7 +364,7 @@ async def _list_models(request: Request, exchange: Exchange) -> HTTPResponse:
     if isinstance(listing, HTTPResponse):
         return listing
     present = {entry.get("id") for entry in listing["data"] if isinstance(entry, dict)}
-    aliases = request.app.ctx.settings.model_map.aliases()
+    aliases = exchange.settings.model_map.aliases()
     listing["data"] += [_alias_entry(alias) for alias in aliases if alias not in present]
     return HTTPResponse(payload.dumps(listing), content_type="application/json")
 
@@ -355,7 +375,7 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse | None:
 
 async def _get_model(request: Request, exchange: Exchange, model_id: str) -> HTTPResponse | None:
     """An alias is described by its target's entry from the upstream's list, under its own id."""
-    resolution = request.app.ctx.settings.model_map.resolve(model_id)
+    resolution = exchange.settings.model_map.resolve(model_id)
     exchange.resolution = resolution
     if resolution.rule is None:
         return await _relay(request, exchange, b"")
@@ -377,8 +397,9 @@ async def _upstream_models(request: Request, exchange: Exchange) -> dict[str, An
     async with upstream.call(
         request.app.ctx.session,
         "GET",
-        _upstream_url(request, "/v1/models"),
+        _upstream_url(request, exchange.settings, "/v1/models"),
         headers=_headers_up(request, exchange, identity=True),
+        limits=upstream.limits(exchange.settings, whole=True),
     ) as answer:
         _note_status(exchange, answer.status)
         body = await answer.read()
@@ -421,7 +442,7 @@ async def readyz(request: Request) -> HTTPResponse:
 async def _probe(request: Request) -> bool:
     try:
         async with request.app.ctx.session.get(
-            _upstream_url(request, "/v1/models"), timeout=READY_PROBE_TIMEOUT
+            _upstream_url(request, request.app.ctx.settings, "/v1/models"), timeout=READY_PROBE_TIMEOUT
         ) as answer:
             return answer.status < 500
     except (TimeoutError, aiohttp.ClientError):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -19,8 +21,9 @@ from service.config import ConfigError, Settings, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    args = tuple(sys.argv[1:] if argv is None else argv)
     try:
-        settings = load_settings(os.environ, sys.argv[1:] if argv is None else argv)
+        settings = load_settings(os.environ, args)
     except ConfigError as exc:
         print(f"openai-model-rerouter: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -35,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
-    serve(settings)
+    serve(settings, args)
 
 
 def _prepare_metrics_dir() -> None:
@@ -51,12 +54,32 @@ def _prepare_metrics_dir() -> None:
     os.makedirs(path, exist_ok=True)
 
 
-def serve(settings: Settings) -> None:
+def _reload_marker() -> str:
+    """A file the main process touches on SIGHUP; every worker watches it and reloads."""
+    handle, path = tempfile.mkstemp(prefix="rerouter-reload-")
+    os.close(handle)
+    atexit.register(_remove, path)
+
+    def touch(signum: int, frame: object) -> None:
+        os.utime(path)
+
+    signal.signal(signal.SIGHUP, touch)
+    return path
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def serve(settings: Settings, argv: Sequence[str] = ()) -> None:
     """Workers rebuild the app from a factory: spawned processes cannot find it by name inside
     a zipapp, and this keeps `python -m service` and the zipapp on one path."""
     from service.app import create_app  # imported only now: it loads prometheus_client
+    from service.reload import Sources
 
-    loader = AppLoader(factory=partial(create_app, settings))
+    sources = Sources(dict(os.environ), tuple(argv), _reload_marker())
+    loader = AppLoader(factory=partial(create_app, settings, sources))
     app = loader.load()
     app.prepare(
         host=settings.listen_host,

@@ -1,8 +1,10 @@
-"""Settings: read once at start-up from the environment and CLI flags, validated, then frozen.
+"""Settings: read at start-up from CLI flags, the environment and an optional config file,
+validated, then frozen.
 
-Every variable has a matching flag (``LISTEN_PORT`` -> ``--listen-port``); a flag wins over the
-environment. A bad value raises ``ConfigError`` whose message starts with the name at fault, so
-the CLI can print one line and exit 2 before anything binds.
+Every variable has a matching flag (``LISTEN_PORT`` -> ``--listen-port``) and a key in the
+``CONFIG_FILE`` (``listen_port``); a flag wins over the environment, which wins over the file.
+A bad value raises ``ConfigError`` whose message starts with the name at fault, so the CLI can
+print one line and exit 2 before anything binds. Reloads build a new Settings the same way.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
+
 from service import __version__
+from service.access import parse_keys, read_keys_file
 from service.mapping import MappingError, ModelMap, is_regex_key
 from service.thinking import ThinkingPolicy
 
@@ -44,7 +49,27 @@ class Settings:
     upstream_read_timeout: float = 600.0
     shutdown_grace: float = 5.0
     shutdown_timeout: float = 30.0
+    proxy_api_keys: tuple[str, ...] = field(default=(), repr=False)
+    proxy_api_keys_file: tuple[str, ...] = field(default=(), repr=False)
+    upstream_api_key: str | None = field(default=None, repr=False)
+    max_request_bytes: int = 32 * 1024 * 1024
+    request_timeout: float = 600.0
+    upstream_max_connections: int = 1024
+    config_file: str | None = None
+    config_poll_seconds: float = 2.0
     demo: bool = False
+
+    @property
+    def response_timeout(self) -> int:
+        """Sanic's RESPONSE_TIMEOUT also counts gaps inside a stream: above every upstream limit,
+        so it never fires first."""
+        longest = max(self.request_timeout, self.upstream_connect_timeout + self.upstream_read_timeout)
+        return int(longest) + 60
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """Keys clients may present: PROXY_API_KEYS and the keys file together."""
+        return self.proxy_api_keys + self.proxy_api_keys_file
 
     @cached_property
     def thinking(self) -> ThinkingPolicy:
@@ -140,10 +165,17 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-def _host(value: str) -> str:
+def _nonempty(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value.strip()
+
+
+def _keys(value: str) -> tuple[str, ...]:
+    keys = parse_keys(value)
+    if not keys:
+        raise ValueError("holds no key")
+    return keys
 
 
 @dataclass(frozen=True)
@@ -179,7 +211,7 @@ OPTIONS = (
         _choice("strip", "keep", "reasoning"),
         "<think> blocks in answers: strip, keep or reasoning (default: strip where disabled)",
     ),
-    _Option("LISTEN_HOST", "listen_host", _host, "address to listen on (default 0.0.0.0)"),
+    _Option("LISTEN_HOST", "listen_host", _nonempty, "address to listen on (default 0.0.0.0)"),
     _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),
     _Option("WORKERS", "workers", _int_between(1, 256), "worker processes (default 1)"),
     _Option("LOG_FORMAT", "log_format", _choice("json", "console"), "json or console"),
@@ -219,6 +251,69 @@ OPTIONS = (
         _seconds(zero_ok=True),
         "then, seconds in-flight requests and streams may take to finish (default 30)",
     ),
+    _Option(
+        "PROXY_API_KEYS",
+        "proxy_api_keys",
+        _keys,
+        "comma-separated keys clients must present (Authorization: Bearer, or api-key)",
+    ),
+    _Option(
+        "PROXY_API_KEYS_FILE",
+        "proxy_api_keys_file",
+        read_keys_file,
+        "file of client keys, one per line or comma-separated (e.g. a mounted Secret)",
+    ),
+    _Option(
+        "UPSTREAM_API_KEY",
+        "upstream_api_key",
+        _nonempty,
+        "key sent upstream as Authorization: Bearer, replacing the client's credential",
+    ),
+    _Option(
+        "MAX_REQUEST_BYTES",
+        "max_request_bytes",
+        _int_between(1024, 2**40),
+        "largest request body accepted, in bytes (default 33554432 = 32 MiB; beyond: 413)",
+    ),
+    _Option(
+        "REQUEST_TIMEOUT",
+        "request_timeout",
+        _seconds(zero_ok=False),
+        "total seconds for a non-streamed upstream call (default 600)",
+    ),
+    _Option(
+        "UPSTREAM_MAX_CONNECTIONS",
+        "upstream_max_connections",
+        _int_between(0, 1_000_000),
+        "upstream connections per worker, streams included; 0 = no limit (default 1024)",
+    ),
+    _Option(
+        "CONFIG_FILE",
+        "config_file",
+        _nonempty,
+        "YAML or JSON file of these settings (lower-case keys), re-read on change and SIGHUP",
+    ),
+    _Option(
+        "CONFIG_POLL_SECONDS",
+        "config_poll_seconds",
+        _seconds(zero_ok=False),
+        "how often the config file is checked for changes (default 2)",
+    ),
+)
+FILE_KEYS = {option.env.lower(): option for option in OPTIONS if option.env != "CONFIG_FILE"}
+RESTART_ONLY = frozenset(
+    {
+        "listen_host",
+        "listen_port",
+        "workers",
+        "log_format",
+        "log_level",
+        "metrics_max_models",
+        "max_request_bytes",
+        "upstream_max_connections",
+        "config_file",
+        "demo",
+    }
 )
 
 
@@ -239,17 +334,56 @@ def _argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_config_file(path: str) -> dict[str, str]:
+    """The file's settings as text, keyed by field; YAML (a superset of JSON) or JSON."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            loaded = yaml.safe_load(handle)
+    except OSError as exc:
+        raise ConfigError(f"CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"CONFIG_FILE: {path!r} is not valid YAML or JSON: {reason}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"CONFIG_FILE: {path!r} must hold a mapping of setting names to values")
+    values: dict[str, str] = {}
+    for key, value in loaded.items():
+        option = FILE_KEYS.get(str(key))
+        if option is None:
+            raise ConfigError(f"CONFIG_FILE: {path!r}: unknown key {key!r}")
+        if value is not None:
+            values[option.field] = _as_text(value)
+    return values
+
+
+def _as_text(value: object) -> str:
+    """File values may be typed; the parsers take the text an environment variable would hold."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return ",".join(str(item) for item in value)
+    return str(value)
+
+
 def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Settings:
-    """Build Settings from the environment and flags; raise ConfigError naming the culprit."""
+    """Build Settings from flags, environment and CONFIG_FILE; raise ConfigError naming the culprit."""
     args = vars(_argument_parser().parse_args(list(argv)))
     demo = bool(args.pop("demo"))
     values: dict[str, Any] = {"demo": demo}
+    config_file = args["config_file"] or environ.get("CONFIG_FILE")
+    from_file = read_config_file(config_file.strip()) if config_file and config_file.strip() else {}
     for option in OPTIONS:
-        flag_value = args[option.field]
-        name, raw = (
-            (option.flag, flag_value) if flag_value is not None else (option.env, environ.get(option.env))
-        )
-        if raw is None:
+        if args[option.field] is not None:
+            name, raw = option.flag, args[option.field]
+        elif option.env in environ:
+            name, raw = option.env, environ[option.env]
+        elif option.field in from_file:
+            name, raw = f"CONFIG_FILE {option.field}", from_file[option.field]
+        else:
             continue
         try:
             values[option.field] = option.parse(raw)

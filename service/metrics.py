@@ -56,6 +56,11 @@ THINKING_STRIPPED = Counter(
     "Think blocks taken out of answers (dropped, or moved to reasoning_content).",
     ["target_model"],
 )
+CONFIG_RELOADS = Counter(
+    "rerouter_config_reload_total",
+    "Settings reloads in each worker (file change or SIGHUP): success, or error (old settings kept).",
+    ["result"],
+)
 IN_FLIGHT = Gauge(
     "rerouter_requests_in_flight",
     "Requests being served right now, all workers together.",
@@ -75,13 +80,13 @@ class ModelLabels:
 
     def __init__(self, limit: int, known: set[str]) -> None:
         self._limit = limit
-        self._known = frozenset(known)
+        self.known = frozenset(known)
         self._seen: set[str] = set()
 
     def __call__(self, model: str | None) -> str:
         if model is None:
             return self.NONE
-        if model in self._known or model in self._seen:
+        if model in self.known or model in self._seen:
             return model
         if len(self._seen) >= self._limit:
             return self.OTHER

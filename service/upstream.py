@@ -13,10 +13,6 @@ from yarl import URL
 from service.config import Settings
 from service.errors import ProxyError
 
-# A stream holds its connection for the whole generation, so the pool must exceed the number
-# of concurrent streams one worker is expected to carry (aiohttp's default is 100).
-MAX_CONNECTIONS = 1024
-
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -43,20 +39,27 @@ class UpstreamError(ProxyError):
 
 
 def new_session(settings: Settings) -> aiohttp.ClientSession:
-    """No total timeout (it would cut long streams): connect and between-bytes limits only.
-
-    Bodies pass through as the upstream encoded them (no auto-decompression), and aiohttp adds
+    """Bodies pass through as the upstream encoded them (no auto-decompression), and aiohttp adds
     none of its own default headers, so the upstream sees what the client sent.
+
+    A stream holds its connection for the whole generation, so the pool (aiohttp's default is
+    100) is sized by UPSTREAM_MAX_CONNECTIONS; every request sets its own timeouts.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=MAX_CONNECTIONS, ttl_dns_cache=60),
-        timeout=aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=settings.upstream_connect_timeout,
-            sock_read=settings.upstream_read_timeout,
-        ),
+        connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, ttl_dns_cache=60),
+        timeout=limits(settings, whole=False),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )
+
+
+def limits(settings: Settings, *, whole: bool) -> aiohttp.ClientTimeout:
+    """Connect and between-bytes limits always; a total (REQUEST_TIMEOUT) only for answers read
+    whole, since a total would cut long streams."""
+    return aiohttp.ClientTimeout(
+        total=settings.request_timeout if whole else None,
+        sock_connect=settings.upstream_connect_timeout,
+        sock_read=settings.upstream_read_timeout,
     )
 
 
@@ -103,11 +106,17 @@ async def call(
     *,
     data: bytes | None = None,
     headers: CIMultiDict[str] | None = None,
+    limits: aiohttp.ClientTimeout,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
     """One upstream exchange; connection failures and timeouts become UpstreamError."""
     try:
         async with session.request(
-            method, URL(url, encoded=True), data=data, headers=headers, allow_redirects=False
+            method,
+            URL(url, encoded=True),
+            data=data,
+            headers=headers,
+            allow_redirects=False,
+            timeout=limits,
         ) as response:
             yield response
     except (TimeoutError, aiohttp.ClientError) as exc:

@@ -173,7 +173,14 @@ SETTINGS = Settings(upstream_url="http://unused", upstream_connect_timeout=2.0, 
 async def call_once(url: str, data: bytes | None = None, headers: dict[str, str] | None = None) -> bytes:
     async with (
         upstream.new_session(SETTINGS) as session,
-        upstream.call(session, "POST", url, data=data, headers=request_headers((headers or {}).items())) as r,
+        upstream.call(
+            session,
+            "POST",
+            url,
+            data=data,
+            headers=request_headers((headers or {}).items()),
+            limits=upstream.limits(SETTINGS, whole=True),
+        ) as r,
     ):
         return await r.read()
 

@@ -1,0 +1,91 @@
+"""Re-reading the settings without a restart, in every worker.
+
+Each worker checks ``CONFIG_FILE`` every ``CONFIG_POLL_SECONDS`` (a stat: Kubernetes swaps a
+ConfigMap's symlink, which changes it) and reloads at once on SIGHUP. SIGHUP goes to the main
+process (PID 1 in a container, systemd's MainPID); it touches a marker file that the workers
+watch too. A reload builds a whole new Settings the way start-up does and swaps it in with one
+assignment: a request takes its settings once, when it starts, so requests in flight finish on
+the old ones. A file that does not validate is logged and counted, and the old settings stay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+import structlog
+from sanic import Sanic
+
+from service import metrics
+from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
+
+log = structlog.get_logger("rerouter")
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Where settings come from, kept so a worker can build them again."""
+
+    environ: Mapping[str, str]
+    argv: tuple[str, ...]
+    marker: str | None = None
+
+
+def reloaded(current: Settings, sources: Sources) -> tuple[Settings, list[str]]:
+    """New settings, with the ones only a restart can change kept; and those that differed."""
+    fresh = load_settings(sources.environ, sources.argv)
+    ignored = sorted(name for name in RESTART_ONLY if getattr(fresh, name) != getattr(current, name))
+    frozen = set(RESTART_ONLY) | ({"upstream_url"} if current.demo else set())
+    return replace(fresh, **{name: getattr(current, name) for name in frozen}), ignored
+
+
+def _stat(path: str | None) -> tuple[int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
+
+
+def _signature(settings: Settings, sources: Sources) -> tuple[object, ...]:
+    return _stat(settings.config_file), _stat(sources.marker)
+
+
+def apply(app: Sanic, sources: Sources) -> None:
+    current: Settings = app.ctx.settings
+    try:
+        fresh, ignored = reloaded(current, sources)
+    except ConfigError as exc:
+        metrics.CONFIG_RELOADS.labels("error").inc()
+        log.error("config reload rejected, keeping the running settings", error=str(exc))
+        return
+    app.ctx.settings = fresh
+    app.config.RESPONSE_TIMEOUT = fresh.response_timeout
+    app.ctx.labels.known = fresh.model_map.known_ids()
+    metrics.CONFIG_RELOADS.labels("success").inc()
+    if ignored:
+        log.warning("config reloaded; these changes need a restart", settings=ignored)
+    else:
+        log.info("config reloaded")
+
+
+async def watch(app: Sanic, sources: Sources) -> None:
+    """The worker's reload loop; runs until the server stops and cancels it."""
+    wake = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, wake.set)
+    last = _signature(app.ctx.settings, sources)
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), app.ctx.settings.config_poll_seconds)
+        now = _signature(app.ctx.settings, sources)
+        if wake.is_set() or now != last:
+            wake.clear()
+            last = now
+            apply(app, sources)
+            last = _signature(app.ctx.settings, sources)
