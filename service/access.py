@@ -64,8 +64,9 @@ def without_credentials(headers: Iterable[tuple[str, str]]) -> list[tuple[str, s
 
 
 def check_path(raw_path: str) -> None:
-    """Refuse segments that decode to ``.``/``..``, and encoded backslashes or NULs."""
+    """Refuse segments that decode (once or twice) to or through ``.``/``..`` (``..%2f..``), and
+    encoded backslashes or NULs."""
     for segment in raw_path.split("/"):
         decoded = unquote(unquote(segment))
-        if decoded in (".", "..") or "\\" in decoded or "\x00" in decoded:
+        if "\\" in decoded or "\x00" in decoded or {".", ".."} & set(decoded.split("/")):
             raise ProxyError(400, "the request path is not allowed", "invalid_path")

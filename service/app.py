@@ -13,6 +13,7 @@ import os
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote
@@ -284,11 +285,14 @@ async def _relay(
         json_to_transform = transform and answer.content_type == "application/json"
         if not event_stream and (
             json_to_transform
+            or (not exchange.stream and answer.content_type == "application/json")
             or answer.content_length is not None
             or answer.status in (204, 304)
             or request.method == "HEAD"
         ):
-            data = await answer.read()
+            data = b"".join(
+                [chunk async for chunk in _chunks(answer, exchange.settings.upstream_read_timeout)]
+            )
             if json_to_transform:
                 data = _without_think(data, think, chat, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
@@ -328,19 +332,22 @@ async def _stream(
     headers.append(("x-request-id", exchange.request_id))
     if answer.content_type == "text/event-stream":
         headers.append(("x-accel-buffering", "no"))
+    chunks = _chunks(answer, exchange.settings.upstream_read_timeout)
+    first = await anext(chunks, b"")  # before any byte is sent, a failure still gets its status
     exchange.outcome = "started"
     response = await request.respond(status=answer.status, headers=headers)
     try:
-        async for chunk in answer.content.iter_any():
+        chunk: bytes | None = first
+        while chunk is not None:
             data = chunk if think is None else think.feed(chunk)
-            if not data:
-                continue
-            if exchange.first_byte is None:
-                exchange.first_byte = time.perf_counter()
-            await response.send(data)
+            if data:
+                if exchange.first_byte is None:
+                    exchange.first_byte = time.perf_counter()
+                await response.send(data)
+            chunk = await anext(chunks, None)
         if think is not None and (tail := think.close()):
             await response.send(tail)
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except upstream.FAILURES as exc:
         exchange.outcome = "upstream_error"
         exchange.upstream_error = upstream.failure(exc).reason
         log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
@@ -352,6 +359,17 @@ async def _stream(
             exchange.think_blocks = think.stripped
     await response.eof()
     exchange.outcome = "completed"
+
+
+async def _chunks(answer: aiohttp.ClientResponse, gap: float) -> AsyncIterator[bytes]:
+    """The body as it arrives. Each read has its own deadline as well as aiohttp's sock_read:
+    aiohttp's C parser can wait forever on a malformed chunk-size line."""
+    while True:
+        async with asyncio.timeout(gap):
+            chunk = await answer.content.readany()
+        if not chunk:
+            return
+        yield chunk
 
 
 async def list_models(request: Request) -> HTTPResponse | None:
@@ -412,7 +430,7 @@ async def _upstream_models(request: Request, exchange: Exchange) -> dict[str, An
     except ProxyError:
         listing = None
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
-        raise ProxyError(502, "the upstream's model list is not an OpenAI list", "upstream_bad_response")
+        raise upstream.UpstreamError(502, "the upstream's model list is not an OpenAI list", "bad_response")
     return listing
 
 
@@ -445,7 +463,7 @@ async def _probe(request: Request) -> bool:
             _upstream_url(request, request.app.ctx.settings, "/v1/models"), timeout=READY_PROBE_TIMEOUT
         ) as answer:
             return answer.status < 500
-    except (TimeoutError, aiohttp.ClientError):
+    except upstream.FAILURES:
         return False
 
 

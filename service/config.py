@@ -341,6 +341,8 @@ def read_config_file(path: str) -> dict[str, str]:
             loaded = yaml.safe_load(handle)
     except OSError as exc:
         raise ConfigError(f"CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"CONFIG_FILE: {path!r} is not UTF-8 text") from None
     except yaml.YAMLError as exc:
         reason = " ".join(str(exc).split())
         raise ConfigError(f"CONFIG_FILE: {path!r} is not valid YAML or JSON: {reason}") from None
@@ -353,8 +355,12 @@ def read_config_file(path: str) -> dict[str, str]:
         option = FILE_KEYS.get(str(key))
         if option is None:
             raise ConfigError(f"CONFIG_FILE: {path!r}: unknown key {key!r}")
-        if value is not None:
+        if value is None:
+            continue
+        try:
             values[option.field] = _as_text(value)
+        except TypeError as exc:
+            raise ConfigError(f"CONFIG_FILE {option.field}: unsupported value: {exc}") from None
     return values
 
 

@@ -29,6 +29,8 @@ class ProxyError(Exception):
         code: str,
         headers: Mapping[str, str] | None = None,
     ) -> None:
+        # Messages may quote what a client sent, undecodable bytes included: keep them printable.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status = status
         self.message = message

@@ -48,7 +48,7 @@ STREAMS = Counter(
 )
 UPSTREAM_ERRORS = Counter(
     "rerouter_upstream_errors_total",
-    "Upstream failures the proxy saw: connect, timeout, disconnected, http_4xx, http_5xx.",
+    "Upstream failures: connect, timeout, disconnected, bad_response, http_4xx, http_5xx.",
     ["target_model", "reason"],
 )
 THINKING_STRIPPED = Counter(

@@ -8,6 +8,7 @@ stay byte for byte what the client sent.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +34,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    """Out-of-range numbers (1e400) would be re-encoded as null or Infinity: refuse them."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def loads(raw: bytes) -> Any:
     """orjson, unless the body may hold an integer beyond 64 bits (orjson turns those into
     floats) or orjson refuses it (lone surrogates): then the standard library."""
@@ -42,17 +51,22 @@ def loads(raw: bytes) -> Any:
         except orjson.JSONDecodeError:
             pass
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        return json.loads(raw, parse_constant=_reject_constant, parse_float=_finite_float)
     except (ValueError, RecursionError) as exc:
         message = str(exc) if not isinstance(exc, RecursionError) else "nested too deeply"
         raise ProxyError(400, f"request body is not valid JSON: {message}", "invalid_json") from None
 
 
 def dumps(value: Any) -> bytes:
+    """orjson, or the standard library for what orjson refuses (huge ints, nesting over 255)."""
     try:
         return orjson.dumps(value)
     except orjson.JSONEncodeError:
+        pass
+    try:
         return json.dumps(value, separators=(",", ":")).encode()
+    except RecursionError:
+        raise ProxyError(400, "request body is not valid JSON: nested too deeply", "invalid_json") from None
 
 
 def is_json(content_type: str) -> bool:
@@ -116,7 +130,8 @@ def _boundary(content_type: str) -> bytes | None:
     for param in content_type.split(";")[1:]:
         name, _, value = param.strip().partition("=")
         if name.strip().lower() == "boundary" and value:
-            return value.strip().strip('"').encode("latin-1")
+            # Sanic decodes header bytes with surrogateescape: this gives back the bytes sent.
+            return value.strip().strip('"').encode("utf-8", "surrogateescape")
     return None
 
 
@@ -132,23 +147,25 @@ def _is_model_field(headers: bytes) -> bool:
 
 
 def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap) -> Rewritten:
+    """Every ``model`` field is rewritten (form parsers differ on which of several they read)."""
     boundary = _boundary(content_type)
     if boundary is None:
         raise ProxyError(400, "multipart body without a boundary", "invalid_multipart")
     delimiter = b"--" + boundary
     parts = raw.split(delimiter)
+    first: Resolution | None = None
+    changed = False
     for index, part in enumerate(parts[1:-1], start=1):
         head_end = part.find(b"\r\n\r\n")
         if head_end < 0 or not part.endswith(b"\r\n") or not _is_model_field(part[:head_end]):
             continue
-        value = part[head_end + 4 : -2]
         try:
-            model = value.decode()
+            model = part[head_end + 4 : -2].decode()
         except UnicodeDecodeError:
-            return Rewritten(raw, None)
+            continue
         resolution = model_map.resolve(model)
-        if resolution.target == model:
-            return Rewritten(raw, resolution)
-        parts[index] = part[: head_end + 4] + resolution.target.encode() + b"\r\n"
-        return Rewritten(delimiter.join(parts), resolution)
-    return Rewritten(raw, None)
+        first = first or resolution
+        if resolution.target != model:
+            parts[index] = part[: head_end + 4] + resolution.target.encode() + b"\r\n"
+            changed = True
+    return Rewritten(delimiter.join(parts) if changed else raw, first)

@@ -38,6 +38,8 @@ class Sources:
 def reloaded(current: Settings, sources: Sources) -> tuple[Settings, list[str]]:
     """New settings, with the ones only a restart can change kept; and those that differed."""
     fresh = load_settings(sources.environ, sources.argv)
+    if current.api_keys and not fresh.api_keys:
+        raise ConfigError("the new settings hold no API key: a restart is needed to turn the key check off")
     ignored = sorted(name for name in RESTART_ONLY if getattr(fresh, name) != getattr(current, name))
     frozen = set(RESTART_ONLY) | ({"upstream_url"} if current.demo else set())
     return replace(fresh, **{name: getattr(current, name) for name in frozen}), ignored
@@ -61,9 +63,10 @@ def apply(app: Sanic, sources: Sources) -> None:
     current: Settings = app.ctx.settings
     try:
         fresh, ignored = reloaded(current, sources)
-    except ConfigError as exc:
+    except Exception as exc:  # the watcher must outlive any bad file; ConfigError is the usual case
         metrics.CONFIG_RELOADS.labels("error").inc()
-        log.error("config reload rejected, keeping the running settings", error=str(exc))
+        reason = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+        log.error("config reload rejected, keeping the running settings", error=reason)
         return
     app.ctx.settings = fresh
     app.config.RESPONSE_TIMEOUT = fresh.response_timeout
@@ -88,4 +91,3 @@ async def watch(app: Sanic, sources: Sources) -> None:
             wake.clear()
             last = now
             apply(app, sources)
-            last = _signature(app.ctx.settings, sources)

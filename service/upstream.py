@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
+import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -28,6 +29,9 @@ HOP_BY_HOP = frozenset(
 )
 _NOT_FORWARDED_UP = HOP_BY_HOP | {"host", "content-length", "expect"}
 _NOT_RELAYED_DOWN = HOP_BY_HOP | {"content-length"}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Raised by aiohttp's parser for a broken body; not a ClientError.
+FAILURES = (aiohttp.ClientError, TimeoutError, HttpProcessingError)
 
 
 class UpstreamError(ProxyError):
@@ -74,8 +78,14 @@ def _dropped(headers: Iterable[tuple[str, str]], always: frozenset[str]) -> set[
 
 
 def request_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, Host and Content-Length."""
+    """The client's headers minus hop-by-hop ones, Host and Content-Length.
+
+    A value with a control character (tab aside) cannot be sent on: 400 rather than a failure
+    deeper down."""
     items = list(headers)
+    for name, value in items:
+        if _CONTROL.search(value):
+            raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
     drop = _dropped(items, _NOT_FORWARDED_UP)
     return CIMultiDict((name, value) for name, value in items if name.lower() not in drop)
 
@@ -89,7 +99,7 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
 
 def failure(exc: BaseException) -> UpstreamError:
     """Map an aiohttp failure to what the client is told."""
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return UpstreamError(504, "the upstream did not answer in time", "timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
         return UpstreamError(502, "the upstream refused the connection or is unreachable", "connect")
@@ -119,5 +129,5 @@ async def call(
             timeout=limits,
         ) as response:
             yield response
-    except (TimeoutError, aiohttp.ClientError) as exc:
+    except FAILURES as exc:
         raise failure(exc) from None

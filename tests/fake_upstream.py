@@ -21,9 +21,14 @@ model it is asked for, so one server covers every case:
   (``{"id": ...``) so anything that re-encodes an event shows. ``qwen3-think...-chunked``
   sends its non-streamed JSON without Content-Length, in chunked transfer encoding (as Go's
   net/http does for bodies over 2 KB, e.g. Ollama);
-- ``qwen3-instruct...``: the same model without thinking: the same answers and events, no tags.
+- ``qwen3-instruct...``: the same model without thinking: the same answers and events, no tags;
+- ``paced-<n>x<ms>``: paced answers for timeout tests. Streamed: ``n`` events with ``ms``
+  milliseconds of silence between them, then ``[DONE]``. Not streamed: the JSON answer, sent
+  with its Content-Length in ``n`` pieces ``ms`` apart; ``paced-<n>x<ms>-chunked`` without a
+  Content-Length (chunked).
 
-Non-completion paths echo what they received as JSON.
+Non-completion paths echo what they received as JSON. ``in_flight`` counts the requests being
+answered right now (streams until their last byte) and ``peak_in_flight`` the most at once.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ class FakeUpstream:
     requests: list[Seen] = field(default_factory=list)
     disconnects: list[float] = field(default_factory=list)
     slow_events_sent: list[int] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
 
     def last(self, path: str | None = None) -> Seen:
@@ -91,8 +98,21 @@ class FakeUpstream:
                 return seen
         raise LookupError(f"the fake upstream saw no request to {path}")
 
+    def reset_peak(self) -> None:
+        """Start counting ``peak_in_flight`` afresh from the requests open now."""
+        self.peak_in_flight = self.in_flight
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            return await handler(request)
+        finally:
+            self.in_flight -= 1
+
     def start(self) -> None:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model_id:.+}", self._model)
         app.router.add_route("*", "/v1/chat/completions", self._completion)
@@ -144,6 +164,8 @@ class FakeUpstream:
         if model == "hang":
             await asyncio.sleep(30)
         chat = request.path.endswith("chat/completions")
+        if model.startswith("paced-"):
+            return await _paced(request, model, chat, bool(body.get("stream")))
         if is_qwen(model):
             return await self._qwen(request, body, chat)
         if body.get("stream"):
@@ -254,6 +276,39 @@ class FakeUpstream:
             raise
         await response.write(b"data: [DONE]\n\n")
         return response
+
+
+async def _paced(request: web.Request, model: str, chat: bool, stream: bool) -> web.StreamResponse:
+    """``paced-<n>x<ms>[-chunked]``: n pieces with ms of silence between them."""
+    count, _, pause = model.removeprefix("paced-").removesuffix("-chunked").partition("x")
+    pieces, interval = int(count), int(pause) / 1000
+    if stream:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(pieces):
+            if index:
+                await asyncio.sleep(interval)
+            await response.write(_event(model, chat, f"piece {index} "))
+        await response.write(b"data: [DONE]\n\n")
+        return response
+    text = f"reply from {model}"
+    choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+    kind = "chat.completion" if chat else "text_completion"
+    whole = {"id": "cmpl-fake", "object": kind, "created": 1, "model": model, "choices": [choice]}
+    data = orjson.dumps(whole)
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    if model.endswith("-chunked"):
+        response.enable_chunked_encoding()
+    else:
+        response.content_length = len(data)
+    await response.prepare(request)
+    size = -(-len(data) // pieces)
+    for index in range(pieces):
+        if index:
+            await asyncio.sleep(interval)
+        await response.write(data[index * size : (index + 1) * size])
+    await response.write_eof()
+    return response
 
 
 def _event(model: str, chat: bool, text: str) -> bytes:

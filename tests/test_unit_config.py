@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.config import DEMO_MODEL_MAP, ConfigError, Settings, load_settings, parse_upstream_url
+from service.config import (
+    DEMO_MODEL_MAP,
+    FILE_KEYS,
+    OPTIONS,
+    RESTART_ONLY,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_upstream_url,
+    read_config_file,
+)
 from service.mapping import ModelMap
 
 BASE = {"UPSTREAM_URL": "http://upstream.test:8000"}
@@ -263,3 +276,290 @@ def test_unknown_flag_exits_2_through_argparse(capsys: pytest.CaptureFixture[str
         load_settings(BASE, ["--no-such-flag"])
     assert caught.value.code == 2
     assert "--no-such-flag" in capsys.readouterr().err
+
+
+# --- security, limits and the configuration file --------------------------------------------------------
+
+
+def test_defaults_of_the_security_and_limit_settings() -> None:
+    loaded = load_settings(BASE)
+    assert loaded.api_keys == ()
+    assert loaded.upstream_api_key is None
+    assert loaded.max_request_bytes == 32 * 1024 * 1024
+    assert loaded.request_timeout == 600.0
+    assert loaded.upstream_max_connections == 1024
+    assert loaded.config_file is None
+    assert loaded.config_poll_seconds == 2.0
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"PROXY_API_KEYS": " , ,"}, "PROXY_API_KEYS"),
+        ({"PROXY_API_KEYS_FILE": "/nonexistent/keys"}, "PROXY_API_KEYS_FILE"),
+        ({"UPSTREAM_API_KEY": "  "}, "UPSTREAM_API_KEY"),
+        ({"MAX_REQUEST_BYTES": "1023"}, "MAX_REQUEST_BYTES"),
+        ({"MAX_REQUEST_BYTES": "32MiB"}, "MAX_REQUEST_BYTES"),
+        ({"REQUEST_TIMEOUT": "0"}, "REQUEST_TIMEOUT"),
+        ({"REQUEST_TIMEOUT": "inf"}, "REQUEST_TIMEOUT"),
+        ({"UPSTREAM_MAX_CONNECTIONS": "-1"}, "UPSTREAM_MAX_CONNECTIONS"),
+        ({"CONFIG_POLL_SECONDS": "0"}, "CONFIG_POLL_SECONDS"),
+        ({"CONFIG_FILE": "/nonexistent/config.yaml"}, "CONFIG_FILE"),
+    ],
+)
+def test_bad_security_and_limit_values_name_their_variable(env: dict[str, str], name: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, **env})
+    assert str(caught.value).startswith(f"{name}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_client_keys_from_the_variable_and_the_file_add_up(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-file-1\nsk-file-2\n")
+    loaded = load_settings({**BASE, "PROXY_API_KEYS": "sk-env-1, sk-env-2", "PROXY_API_KEYS_FILE": str(keys)})
+    assert loaded.api_keys == ("sk-env-1", "sk-env-2", "sk-file-1", "sk-file-2")
+    assert load_settings({**BASE, "PROXY_API_KEYS_FILE": str(keys)}).api_keys == ("sk-file-1", "sk-file-2")
+    assert load_settings({**BASE, "PROXY_API_KEYS": "sk-env-1"}).api_keys == ("sk-env-1",)
+
+
+def test_keys_never_show_in_the_settings_repr_or_a_keys_file_error(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("sk-in-file-secret\n")
+    loaded = load_settings(
+        {
+            **BASE,
+            "PROXY_API_KEYS": "sk-env-secret",
+            "PROXY_API_KEYS_FILE": str(keys),
+            "UPSTREAM_API_KEY": "sk-upstream-secret",
+        }
+    )
+    shown = repr(loaded) + str(loaded)
+    for secret in ("sk-env-secret", "sk-in-file-secret", "sk-upstream-secret"):
+        assert secret not in shown
+    keys.write_text(" ,\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "PROXY_API_KEYS_FILE": str(keys)})
+    assert str(caught.value).startswith("PROXY_API_KEYS_FILE: ")
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    request_timeout=st.floats(0.001, 1e7),
+    connect=st.floats(0.001, 1e7),
+    read=st.floats(0.001, 1e7),
+)
+def test_sanics_response_timeout_exceeds_every_upstream_limit(
+    request_timeout: float, connect: float, read: float
+) -> None:
+    """Sanic's own response timeout also counts gaps inside a stream, so it must never fire
+    before REQUEST_TIMEOUT or a connect plus the longest silence the upstream is allowed."""
+    loaded = Settings(
+        upstream_url="http://h:1",
+        request_timeout=request_timeout,
+        upstream_connect_timeout=connect,
+        upstream_read_timeout=read,
+    )
+    assert isinstance(loaded.response_timeout, int)
+    assert loaded.response_timeout > request_timeout
+    assert loaded.response_timeout > connect + read
+
+
+CONFIG_YAML = r"""# as mounted from a ConfigMap
+upstream_url: http://file-upstream:8000/v1
+model_map:
+  gpt-4o: qwen3-32b
+  /llama-(\d+)b/: llama-\1-served
+disable_thinking: true
+thinking_switch: template
+listen_port: 8080
+workers: 2
+request_timeout: 1.5
+upstream_read_timeout: 30
+proxy_api_keys:
+  - sk-list-1
+  - sk-list-2
+upstream_api_key: sk-upstream
+max_request_bytes: 4096
+upstream_max_connections: 0
+log_level: DEBUG
+config_poll_seconds: 0.5
+shutdown_grace: 0
+"""
+
+
+def check_file_settings(loaded: Settings) -> None:
+    assert loaded.upstream_url == "http://file-upstream:8000"
+    assert loaded.model_map.resolve("gpt-4o").target == "qwen3-32b"
+    assert loaded.model_map.resolve("llama-70b").target == "llama-70-served"
+    assert loaded.disable_thinking is True
+    assert loaded.thinking_switch == "template"
+    assert loaded.listen_port == 8080
+    assert loaded.workers == 2
+    assert loaded.request_timeout == 1.5
+    assert loaded.upstream_read_timeout == 30.0
+    assert loaded.api_keys == ("sk-list-1", "sk-list-2")
+    assert loaded.upstream_api_key == "sk-upstream"
+    assert loaded.max_request_bytes == 4096
+    assert loaded.upstream_max_connections == 0
+    assert loaded.log_level == "debug"
+    assert loaded.config_poll_seconds == 0.5
+    assert loaded.shutdown_grace == 0.0
+
+
+def test_a_yaml_config_file_with_typed_values(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(CONFIG_YAML)
+    loaded = load_settings({"CONFIG_FILE": str(path)})
+    check_file_settings(loaded)
+    assert loaded.config_file == str(path)
+
+
+def test_a_json_config_file_with_typed_values(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(yaml.safe_load(CONFIG_YAML), indent=2))
+    check_file_settings(load_settings({"CONFIG_FILE": str(path)}))
+
+
+def test_read_config_file_gives_the_text_a_variable_would_hold(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(
+        "disable_thinking: false\nlisten_port: 8080\nrequest_timeout: 2.5\n"
+        "proxy_api_keys: [a, b]\nmodel_map: {x: y}\nthink_output: ~\n"
+    )
+    assert read_config_file(str(path)) == {
+        "disable_thinking": "false",
+        "listen_port": "8080",
+        "request_timeout": "2.5",
+        "proxy_api_keys": "a,b",
+        "model_map": '{"x": "y"}',
+    }
+
+
+@pytest.mark.parametrize("text", ["", "\n", "# only a comment\n", "~\n", "---\n"])
+def test_an_empty_config_file_sets_nothing(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    assert read_config_file(str(path)) == {}
+    loaded = load_settings({**BASE, "CONFIG_FILE": str(path)})
+    assert dataclasses.replace(loaded, config_file=None) == load_settings(BASE)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("listen_port: 1\nlisten_prot: 2\n", "unknown key 'listen_prot'", id="typo"),
+        pytest.param("LISTEN_PORT: 1\n", "unknown key 'LISTEN_PORT'", id="upper-case"),
+        pytest.param("config_file: /other.yaml\n", "unknown key 'config_file'", id="config-file-itself"),
+        pytest.param("demo: true\n", "unknown key 'demo'", id="demo"),
+        pytest.param("- listen_port\n", "must hold a mapping", id="list"),
+        pytest.param("just text\n", "must hold a mapping", id="scalar"),
+        pytest.param("42\n", "must hold a mapping", id="number"),
+        pytest.param("listen_port: [1\n", "not valid YAML or JSON", id="yaml-syntax"),
+        pytest.param('{"listen_port": 1', "not valid YAML or JSON", id="json-syntax"),
+        pytest.param("a: 1\na: 2\n\t- x", "not valid YAML or JSON", id="tab"),
+    ],
+)
+def test_a_config_file_that_cannot_be_used_is_a_one_line_error_naming_the_problem(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "CONFIG_FILE": str(path)})
+    message = str(caught.value)
+    assert message.startswith("CONFIG_FILE: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_an_unreadable_config_file_is_a_config_error(tmp_path: Path) -> None:
+    for path in (tmp_path / "missing.yaml", tmp_path):
+        with pytest.raises(ConfigError) as caught:
+            read_config_file(str(path))
+        assert str(caught.value).startswith("CONFIG_FILE: cannot read ")
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(b"model_map: {a: caf\xe9}\n", id="latin-1-not-utf-8"),
+        pytest.param(b"model_map: {a: 2024-05-13}\n", id="date-inside-a-mapping"),
+        pytest.param(b"model_map: {a: !!binary aGk=}\n", id="binary-inside-a-mapping"),
+    ],
+)
+def test_a_file_yaml_can_read_but_not_as_settings_is_a_config_error(tmp_path: Path, content: bytes) -> None:
+    """Anything but ConfigError escapes the CLI's one-line message (a traceback at start-up) and
+    the reload loop's handler (which then stops reloading in that worker for good)."""
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "CONFIG_FILE": str(path)})
+    assert str(caught.value).startswith("CONFIG_FILE")
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ("listen_port: 70000", "listen_port"),
+        ("workers: 0", "workers"),
+        ("request_timeout: -1", "request_timeout"),
+        ("max_request_bytes: lots", "max_request_bytes"),
+        ("model_map: {'/gpt-(/': x}", "model_map"),
+        ("model_map: [a, b]", "model_map"),
+        ("disable_thinking: maybe", "disable_thinking"),
+        ("upstream_url: ftp://x", "upstream_url"),
+        ("proxy_api_keys: []", "proxy_api_keys"),
+        ("proxy_api_keys_file: /nonexistent/keys", "proxy_api_keys_file"),
+        ("upstream_api_key: ''", "upstream_api_key"),
+    ],
+)
+def test_a_bad_value_in_the_file_is_named_config_file_and_key(tmp_path: Path, line: str, key: str) -> None:
+    path = tmp_path / "config.yaml"
+    upstream = "" if key == "upstream_url" else "upstream_url: http://h:1\n"
+    path.write_text(upstream + line + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"CONFIG_FILE": str(path)})
+    assert str(caught.value).startswith(f"CONFIG_FILE {key}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_precedence_flag_over_environment_over_file(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("listen_port: 3\nworkers: 3\nrequest_timeout: 3\nmodel_map: {a: from-file}\n")
+    env = {**BASE, "CONFIG_FILE": str(path), "LISTEN_PORT": "2", "WORKERS": "2"}
+    loaded = load_settings(env, ["--listen-port", "1"])
+    assert loaded.listen_port == 1  # flag, over environment and file
+    assert loaded.workers == 2  # environment, over file
+    assert loaded.request_timeout == 3.0  # file only
+    assert loaded.model_map.resolve("a").target == "from-file"
+    assert (
+        load_settings({**env, "MODEL_MAP": '{"a": "from-env"}'}).model_map.resolve("a").target == "from-env"
+    )
+
+
+def test_the_environment_hides_a_bad_file_value_and_a_flag_hides_a_bad_environment_one(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("listen_port: not-a-port\n")
+    env = {**BASE, "CONFIG_FILE": str(path)}
+    assert load_settings({**env, "LISTEN_PORT": "7"}).listen_port == 7
+    assert load_settings({**env, "LISTEN_PORT": "bad"}, ["--listen-port", "8"]).listen_port == 8
+
+
+def test_the_config_file_path_comes_from_the_flag_before_the_environment(tmp_path: Path) -> None:
+    by_flag, by_env = tmp_path / "flag.yaml", tmp_path / "env.yaml"
+    by_flag.write_text("listen_port: 11\n")
+    by_env.write_text("listen_port: 22\n")
+    env = {**BASE, "CONFIG_FILE": str(by_env)}
+    assert load_settings(env).listen_port == 22
+    assert load_settings(env, ["--config-file", str(by_flag)]).listen_port == 11
+
+
+def test_every_file_key_is_a_variable_in_lower_case() -> None:
+    assert set(FILE_KEYS) == {option.env.lower() for option in OPTIONS} - {"config_file"}
+    assert {option.field for option in OPTIONS} - {"config_file"} == set(FILE_KEYS)
+    restart_only = RESTART_ONLY
+    assert restart_only <= {field.name for field in dataclasses.fields(Settings)}
