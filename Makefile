@@ -54,3 +54,27 @@ system-deps:
 		$$sudo apt-get update -qq && \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; \
 	fi
+
+# Debian's wrk (load generator) and nginx-light (canned upstream, reference reverse proxy) for
+# `make bench`; a no-op when both are present. Needs root or sudo. Debian's nginx package may
+# start a system nginx on port 80 where services can start; the benchmark never uses that one.
+.PHONY: bench-deps
+bench-deps:
+	@if command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; }; then \
+		echo "bench-deps: wrk and nginx are installed"; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "bench-deps: no apt-get here; install wrk and nginx yourself" >&2; exit 1; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then sudo=; \
+		elif command -v sudo >/dev/null 2>&1; then sudo=sudo; \
+		else echo "bench-deps: apt-get needs root or sudo" >&2; exit 1; fi; \
+		set -x; \
+		$$sudo apt-get update -qq && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light; \
+	fi
+
+# Loopback benchmark against nginx (bench/README.md): one table, JSON in bench/results/.
+# Not part of `make test`. BENCH_ARGS=--quick for a one-minute smoke run.
+.PHONY: bench
+bench: install bench-deps
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
