@@ -140,15 +140,14 @@ def test_two_workers_serve_count_and_stop(zipapp: Path, upstream: FakeUpstream, 
     try:
         wait_until_healthy(url, process, log_path, workers=2)
         assert any((tmp_path / "shiv").iterdir()), "dependencies are extracted under SHIV_ROOT"
-        client = openai.OpenAI(base_url=f"{url}/v1", api_key="sk-zipapp", max_retries=0, timeout=10)
         messages = [{"role": "user", "content": "hi"}]
+        with openai.OpenAI(base_url=f"{url}/v1", api_key="sk-zipapp", max_retries=0, timeout=10) as client:
+            stream = client.chat.completions.create(model="gpt-3.5-turbo-16k", messages=messages, stream=True)
+            streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+            assert streamed.strip() == "reply from qwen3-4b"
 
-        stream = client.chat.completions.create(model="gpt-3.5-turbo-16k", messages=messages, stream=True)
-        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-        assert streamed.strip() == "reply from qwen3-4b"
-
-        plain = client.chat.completions.create(model="gpt-4o", messages=messages)
-        assert plain.choices[0].message.content == "reply from echo-model"
+            plain = client.chat.completions.create(model="gpt-4o", messages=messages)
+            assert plain.choices[0].message.content == "reply from echo-model"
 
         assert requests_counted(url) == 2
         process.send_signal(signal.SIGTERM)
