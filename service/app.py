@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 import aiohttp
 import structlog
@@ -32,6 +32,7 @@ from service.reasoning import ThinkStream, transform_message
 
 log = structlog.get_logger("rerouter")
 
+UPSTREAM_NAME = "default"  # the one backend, named as UPSTREAMS will name the others
 READY_CACHE_SECONDS = 5.0
 READY_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -91,6 +92,14 @@ class Exchange:
         structlog.contextvars.bind_contextvars(request_id=request_id)
         metrics.IN_FLIGHT.inc()
         return cls(request_id, endpoint, request.app.ctx.settings)
+
+    def tags(self) -> dict[str, str]:
+        """Headers on every proxied response: the request id, the upstream, the served model
+        (percent-encoded: a client's model id must not be able to inject header bytes)."""
+        tags = {"x-request-id": self.request_id, "x-rerouter-upstream": UPSTREAM_NAME}
+        if self.resolution is not None:
+            tags["x-rerouter-target-model"] = quote(self.resolution.target, safe="/:@._-+=")
+        return tags
 
     def finish(self, labels: metrics.ModelLabels) -> None:
         duration = time.perf_counter() - self.started
@@ -197,20 +206,20 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
         response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
-            response.headers["x-request-id"] = exchange.request_id
+            response.headers.update(exchange.tags())
         return response
     except ProxyError as exc:
         exchange.status = exc.status
         if isinstance(exc, upstream.UpstreamError):
             exchange.upstream_error = exc.reason
         error = exc.response()
-        error.headers["x-request-id"] = exchange.request_id
+        error.headers.update(exchange.tags())
         return error
     except Exception:
         log.exception("unexpected error")
         exchange.status = 500
         error = ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
-        error.headers["x-request-id"] = exchange.request_id
+        error.headers.update(exchange.tags())
         return error
     except asyncio.CancelledError:
         exchange.status = 499
@@ -328,8 +337,9 @@ async def _stream(
     """Relay chunks as they arrive (through ``think`` when given). An upstream failure mid-way
     closes the client's connection without the final chunk, so the client sees a broken stream
     rather than a clean end."""
-    headers = [(name, value) for name, value in headers if name.lower() != "x-request-id"]
-    headers.append(("x-request-id", exchange.request_id))
+    tags = exchange.tags()
+    headers = [(name, value) for name, value in headers if name.lower() not in tags]
+    headers.extend(tags.items())
     if answer.content_type == "text/event-stream":
         headers.append(("x-accel-buffering", "no"))
     chunks = _chunks(answer, exchange.settings.upstream_read_timeout)

@@ -17,16 +17,23 @@ from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
 from service import demo
-from service.config import ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, command_of, load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = tuple(sys.argv[1:] if argv is None else argv)
+    command, model = command_of(args)
     try:
         settings = load_settings(os.environ, args)
     except ConfigError as exc:
         print(f"openai-model-rerouter: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if command == "check":
+        print(f"openai-model-rerouter: settings are valid (upstream {settings.upstream_url})")
+        return
+    if command == "resolve":
+        print(describe(settings, model or ""))
+        return
     _prepare_metrics_dir()
     if settings.demo:
         settings = replace(settings, upstream_url=demo.start_in_thread())
@@ -39,6 +46,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             flush=True,
         )
     serve(settings, args)
+
+
+def describe(settings: Settings, model: str) -> str:
+    """What `resolve` prints: the rule that matched, the target model and the upstream."""
+    resolution = settings.model_map.resolve(model)
+    rule = "no rule (passed through)" if resolution.rule is None else f"rule {resolution.rule!r}"
+    return f"{model} -> {resolution.target}  [{rule}; upstream default: {settings.upstream_url}]"
 
 
 def _prepare_metrics_dir() -> None:

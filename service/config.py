@@ -331,7 +331,17 @@ def _argument_parser() -> argparse.ArgumentParser:
         help="serve against a built-in demo upstream (what `make run` does without UPSTREAM_URL)",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="[COMMAND]", help="default: serve")
+    resolve = commands.add_parser("resolve", help="print where MODEL goes with these settings")
+    resolve.add_argument("model", metavar="MODEL")
+    commands.add_parser("check", help="validate the settings and exit 0, or 2 naming the problem")
     return parser
+
+
+def command_of(argv: Sequence[str]) -> tuple[str, str | None]:
+    """The command the CLI was given (``serve`` when none) and, for ``resolve``, its model."""
+    args = _argument_parser().parse_args(list(argv))
+    return args.command or "serve", getattr(args, "model", None)
 
 
 def read_config_file(path: str) -> dict[str, str]:

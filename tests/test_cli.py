@@ -178,3 +178,32 @@ def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 0
+
+
+MAP = '{"gpt-3.5-turbo-16k": "qwen3-4b", "/gpt-4(.*)/": "q4\\\\1"}'
+
+
+@pytest.mark.parametrize(
+    ("model", "line"),
+    [
+        (
+            "gpt-3.5-turbo-16k",
+            "gpt-3.5-turbo-16k -> qwen3-4b  [rule 'gpt-3.5-turbo-16k'; upstream default: http://h:8000]",
+        ),
+        ("gpt-4o", "gpt-4o -> q4o  [rule '/gpt-4(.*)/'; upstream default: http://h:8000]"),
+        ("llama", "llama -> llama  [no rule (passed through); upstream default: http://h:8000]"),
+    ],
+)
+def test_resolve_prints_rule_target_and_upstream(model: str, line: str) -> None:
+    result = run("resolve", model, UPSTREAM_URL="http://h:8000/v1", MODEL_MAP=MAP)
+    assert (result.code, result.out.strip(), result.err) == (0, line, "")
+
+
+def test_check_accepts_valid_settings_and_refuses_bad_ones() -> None:
+    good = run("--model-map", MAP, "check", UPSTREAM_URL="http://h:8000")
+    assert good.code == 0
+    assert "settings are valid" in good.out
+    bad = run("check", UPSTREAM_URL="http://h:8000", MODEL_MAP='{"/(/": "x"}')
+    assert bad.code == 2
+    assert bad.err.strip().startswith("openai-model-rerouter: MODEL_MAP: key '/(/'")
+    assert run("resolve", "gpt-4o", MODEL_MAP=MAP).code == 2  # no UPSTREAM_URL: not valid settings

@@ -514,3 +514,23 @@ def test_healthz_and_readyz(proxy: Proxy, http: httpx.Client) -> None:
     ready = http.get(f"{proxy.url}/readyz")
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready"}
+
+
+def test_every_proxied_response_names_its_target_model_and_upstream(proxy: Proxy) -> None:
+    chat = {"model": "gpt-3.5-turbo-16k", "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=10) as client:
+        plain = client.post(f"{proxy.v1}/chat/completions", json=chat)
+        with client.stream("POST", f"{proxy.v1}/chat/completions", json={**chat, "stream": True}) as stream:
+            stream.read()
+        relayed_error = client.post(f"{proxy.v1}/chat/completions", json={**chat, "model": "gpt-down"})
+        own_error = client.post(f"{proxy.v1}/chat/completions", content=b"{not json")
+        injected = client.post(f"{proxy.v1}/chat/completions", json={**chat, "model": "evil\r\nx-evil: 1"})
+    for response, target in [(plain, "qwen3-4b"), (stream, "qwen3-4b"), (relayed_error, "status-503")]:
+        assert response.headers["x-rerouter-target-model"] == target
+        assert response.headers["x-rerouter-upstream"] == "default"
+        assert response.headers.get_list("x-request-id") == [response.headers["x-request-id"]]
+    assert own_error.status_code == 400
+    assert own_error.headers["x-rerouter-upstream"] == "default"
+    assert "x-rerouter-target-model" not in own_error.headers
+    assert "x-evil" not in injected.headers
+    assert injected.headers["x-rerouter-target-model"] == "evil%0D%0Ax-evil:%201"
