@@ -273,10 +273,13 @@ def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False)
 async def _relay(
     request: Request, exchange: Exchange, body: bytes, think: str = "keep"
 ) -> HTTPResponse | None:
-    """Forward; stream the answer when it is an event stream or of unknown length.
+    """Forward, and relay the answer.
 
-    ``think`` other than ``keep`` rewrites think blocks in a successful completion answer, which
-    needs it unencoded; otherwise the answer's bytes are relayed untouched.
+    Read whole first: answers with a length or without a body, and JSON answers (a JSON answer
+    cut or stalled half-way then still gets its own 502/504, and think blocks can be taken
+    out). Relayed as they arrive: event streams and anything else of unknown length. ``think``
+    other than ``keep`` rewrites think blocks in a successful completion answer, which needs it
+    unencoded; otherwise the answer's bytes are relayed untouched.
     """
     async with upstream.call(
         request.app.ctx.session,
@@ -291,10 +294,9 @@ async def _relay(
         event_stream = answer.content_type == "text/event-stream"
         transform = think != "keep" and answer.status == 200
         chat = exchange.endpoint == "chat/completions"
-        json_to_transform = transform and answer.content_type == "application/json"
+        json_answer = answer.content_type == "application/json"
         if not event_stream and (
-            json_to_transform
-            or (not exchange.stream and answer.content_type == "application/json")
+            json_answer
             or answer.content_length is not None
             or answer.status in (204, 304)
             or request.method == "HEAD"
@@ -302,7 +304,7 @@ async def _relay(
             data = b"".join(
                 [chunk async for chunk in _chunks(answer, exchange.settings.upstream_read_timeout)]
             )
-            if json_to_transform:
+            if transform and json_answer:
                 data = _without_think(data, think, chat, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
         stream = ThinkStream(think, chat) if transform and event_stream else None
