@@ -69,8 +69,13 @@ class Proxy:
         return self.process.returncode
 
 
+SANIC_ACK_SETTLE = 0.5
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, workers: int) -> None:
-    """Healthy, and every worker reported ready: a SIGTERM before that can stall Sanic's manager."""
+    """Healthy, every worker reported ready, and a moment more: Sanic 25.12's main process hangs
+    for good on a SIGTERM that arrives while it still waits for the workers' start-up
+    acknowledgements (it polls them every 0.1 s), so tests must not stop a proxy that early."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -80,6 +85,7 @@ def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Pat
         except httpx.HTTPError:
             healthy = False
         if healthy and log_path.read_bytes().count(b"Worker ready [") >= workers:
+            time.sleep(SANIC_ACK_SETTLE)
             return
         time.sleep(0.1)
     raise RuntimeError(f"proxy did not become healthy:\n{log_path.read_text()}")

@@ -18,7 +18,7 @@ import pytest
 
 from service import __version__
 from service.config import OPTIONS
-from tests.conftest import free_port
+from tests.conftest import SANIC_ACK_SETTLE, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
@@ -128,8 +128,8 @@ def test_missing_upstream_url_exits_2_and_points_at_demo() -> None:
 
 def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
     port = free_port()
-    stderr_path = tmp_path / "stderr"
-    with stderr_path.open("w") as stderr:
+    stderr_path, stdout_path = tmp_path / "stderr", tmp_path / "stdout"
+    with stderr_path.open("w") as stderr, stdout_path.open("w") as stdout:
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -143,7 +143,7 @@ def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
             ],
             env=clean_env(SHUTDOWN_GRACE="0"),
             cwd=ROOT,
-            stdout=subprocess.DEVNULL,
+            stdout=stdout,
             stderr=stderr,
             start_new_session=True,
         )
@@ -153,7 +153,10 @@ def test_demo_serves_a_rewrite_without_any_upstream(tmp_path: Path) -> None:
         while True:
             assert process.poll() is None, stderr_path.read_text()
             try:
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200 and (
+                    "Worker ready [" in stdout_path.read_text()
+                ):
+                    time.sleep(SANIC_ACK_SETTLE)  # see tests.conftest.wait_until_healthy
                     break
             except httpx.HTTPError:
                 pass
