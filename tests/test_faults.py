@@ -344,7 +344,7 @@ def test_what_the_sdk_sees_for_garbage(fault_proxy: Proxy, fault: FaultServer) -
     """Relayed garbage reaches the SDK as it came: a non-JSON body with an application/json type
     fails in the SDK's JSON decoding; JSON sent to a streaming request reads as an empty stream;
     events sent as text/plain still parse (the SDK does not look at the type of a stream)."""
-    log_at = log_mark(fault_proxy)
+    mark, log_at = fault.mark(), log_mark(fault_proxy)
     with openai.OpenAI(base_url=fault_proxy.v1, api_key="k", max_retries=0, timeout=5) as client:
         with pytest.raises(json.JSONDecodeError):
             client.chat.completions.create(model="not-json", messages=MESSAGES)
@@ -352,7 +352,8 @@ def test_what_the_sdk_sees_for_garbage(fault_proxy: Proxy, fault: FaultServer) -
         assert list(empty) == []
         plain = client.chat.completions.create(model="wrong-type-stream", messages=MESSAGES, stream=True)
         assert [chunk.choices[0].delta.content for chunk in plain] == ["plain", " text"]
-    settled(fault_proxy, fault, fault.mark(), time.monotonic(), log_at)
+    # marked before the requests, so the release of their upstream connections is waited for
+    settled(fault_proxy, fault, mark, time.monotonic(), log_at)
 
 
 # --- faults where the answer depends on when they strike --------
