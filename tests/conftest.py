@@ -34,6 +34,18 @@ DEFAULT_MAP = {
 }
 
 
+def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05) -> Any:
+    """Retry ``check`` until it stops raising AssertionError, for at most ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return check()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -21,10 +21,9 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -33,7 +32,7 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, eventually
 from tests.fault_server import HTML, FaultServer
 
 READ_TIMEOUT = 1.0  # the proxy's UPSTREAM_READ_TIMEOUT
@@ -133,24 +132,13 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return total(after, name, **labels) - total(before, name, **labels)
 
 
-def eventually(check: Callable[[], Any], timeout: float = 3.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
 def in_flight_is_zero(proxy: Proxy) -> Samples:
     def check() -> Samples:
         samples = scrape(proxy)
         assert total(samples, "rerouter_requests_in_flight") == 0, "a request is still in flight"
         return samples
 
-    return eventually(check)
+    return eventually(check, 3.0, interval=0.02)
 
 
 def log_mark(proxy: Proxy) -> int:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import ModelLabels
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, eventually
 
 Samples = list[tuple[str, dict[str, str], float]]
 
@@ -41,18 +40,6 @@ def pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(value for _, value in pick(samples, name, **labels))
-
-
-def eventually(check: Callable[[], Any], timeout: float = 10.0) -> Any:
-    """Retry ``check`` until it stops raising AssertionError (streams finish after the last byte)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def chat(proxy: Proxy, model: str, **extra: Any) -> httpx.Response:
@@ -112,7 +99,7 @@ def traffic(start_proxy: StartProxy) -> Iterator[Samples]:
         assert total(samples, "rerouter_streams_total") == 2
         return samples
 
-    yield eventually(settled)
+    yield eventually(settled, 10.0)
     proxy.stop()
 
 

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,7 +31,7 @@ from structlog.testing import capture_logs
 from service import reload
 from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
 from service.metrics import ModelLabels
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, eventually
 from tests.fake_upstream import FakeUpstream
 
 KEY_A = "sk-reload-key-a"
@@ -45,17 +45,6 @@ def write_atomically(path: Path, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     temporary.write_text(text)
     os.replace(temporary, path)
-
-
-def eventually(check: Callable[[], Any], timeout: float = DEADLINE) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return check()
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
 
 
 def yaml_config(target: str, *extra: str) -> str:
@@ -155,7 +144,7 @@ def change_and_wait(
     def both_reloaded() -> None:
         assert reloads(client, proxy, "success") >= before + 2
 
-    eventually(both_reloaded)
+    eventually(both_reloaded, DEADLINE)
     if target is not None:
         all_serve(client, proxy, target)
 
@@ -285,7 +274,7 @@ def test_an_invalid_file_is_rejected_logged_counted_and_the_old_settings_keep_se
     def both_rejected() -> None:
         assert reloads(fresh, reloading, "error") >= errors_before + 2
 
-    eventually(both_rejected)
+    eventually(both_rejected, DEADLINE)
     all_serve(fresh, reloading, "kept-target", times=8)
     rejected = events(reloading, "config reload rejected, keeping the running settings")[logged:]
     assert len(rejected) >= 2
@@ -308,7 +297,7 @@ def test_sighup_with_an_unchanged_file_reloads_every_worker_and_the_proxy_surviv
         def both_reloaded(before: float = before) -> None:
             assert reloads(fresh, reloading, "success") >= before + 2
 
-        eventually(both_reloaded)
+        eventually(both_reloaded, DEADLINE)
         assert reloading.process.poll() is None, f"the proxy died on SIGHUP {round_ + 1}"
         assert fresh.get(f"{reloading.url}/healthz").status_code == 200
         all_serve(fresh, reloading, target, times=6)
@@ -329,7 +318,7 @@ def test_a_rotated_keys_file_is_read_on_sighup(
                 answer = fresh.get(f"{reloading.v1}/models", headers={"Authorization": f"Bearer {old}"})
                 assert answer.status_code == 401
 
-        eventually(swapped)
+        eventually(swapped, DEADLINE)
 
     rotate(KEY_A, KEY_B)
     rotate(KEY_B, KEY_A)
