@@ -247,7 +247,7 @@ def measure(watch: dict[str, list[int]]) -> Iterator[Window]:
 
 @contextlib.contextmanager
 def py_spy(out_dir: Path | None, name: str, pids: list[int], seconds: float) -> Iterator[None]:
-    """With ``--py-spy DIR``: a flame graph of the proxy's worker while the block runs."""
+    """With ``--py-spy DIR``: the proxy worker's sampled stacks while the block runs."""
     if out_dir is None or not pids:
         yield
         return
@@ -267,7 +267,9 @@ def py_spy(out_dir: Path | None, name: str, pids: list[int], seconds: float) -> 
         "--rate",
         "200",
     ]
-    command += ["--nonblocking", "--format", "flamegraph", "-o", str(out_dir / f"{name}.svg")]
+    # Collapsed stacks: self time per function with a one-line awk, a flame graph with
+    # speedscope.app or inferno-flamegraph.
+    command += ["--nonblocking", "--format", "raw", "-o", str(out_dir / f"{name}.txt")]
     spy = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -955,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         metavar="DIR",
-        help="write py-spy flame graphs of the proxy's worker to DIR (perturbs the proxy's numbers)",
+        help="write py-spy samples (collapsed stacks) of the proxy's worker to DIR (perturbs its numbers)",
     )
     parser.add_argument("--streams", type=int, help="concurrent paced streams (full: 500)")
     parser.add_argument("--events", type=int, help="events per stream (full: 100)")
@@ -990,7 +992,7 @@ def main(argv: list[str] | None = None) -> int:
     results = run(profile, parts, repeat, args.py_spy)
     if args.py_spy:
         results["notes"].append(
-            f"profiled with py-spy (flame graphs in {args.py_spy}): proxy numbers perturbed"
+            f"profiled with py-spy (collapsed stacks in {args.py_spy}): proxy numbers perturbed"
         )
     meta = results["meta"]
     print()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, unquote
@@ -24,15 +24,19 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import access, logs, metrics, payload, reload, upstream
+from service import access, backends, logs, metrics, payload, reload, renaming, upstream
+from service.backends import DEFAULT_BACKEND, Backend, Replicas
 from service.config import Settings
 from service.errors import ProxyError
-from service.mapping import Resolution
+from service.mapping import Resolution, Target
 from service.reasoning import ThinkStream, transform_message
 
 log = structlog.get_logger("rerouter")
 
-UPSTREAM_NAME = "default"  # the one backend, named as UPSTREAMS will name the others
+# Failures worth another try (RETRIES, fallback targets) besides a 5xx or 429 answer.
+RETRYABLE = frozenset({"connect", "timeout", "disconnected"})
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 4.0
 READY_CACHE_SECONDS = 5.0
 READY_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -75,8 +79,11 @@ class Exchange:
     request_id: str
     endpoint: str
     settings: Settings
+    replicas: Mapping[str, Replicas]  # taken with the settings: a reload swaps both at once
     started: float = field(default_factory=time.perf_counter)
     resolution: Resolution | None = None
+    target: Target | None = None  # the one the answer came from (the last tried)
+    backend: str = DEFAULT_BACKEND
     stream: bool = False
     status: int = 0
     first_byte: float | None = None
@@ -87,43 +94,52 @@ class Exchange:
     @classmethod
     def begin(cls, request: Request, endpoint: str) -> Exchange:
         given = request.headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         metrics.IN_FLIGHT.inc()
-        return cls(request_id, endpoint, request.app.ctx.settings)
+        return cls(request_id, endpoint, request.app.ctx.settings, request.app.ctx.replicas)
 
     def tags(self) -> dict[str, str]:
         """Headers on every proxied response: the request id, the upstream, the served model
         (percent-encoded: a client's model id must not be able to inject header bytes)."""
-        tags = {"x-request-id": self.request_id, "x-rerouter-upstream": UPSTREAM_NAME}
-        if self.resolution is not None:
-            tags["x-rerouter-target-model"] = quote(self.resolution.target, safe="/:@._-+=")
+        tags = {"x-request-id": self.request_id, "x-rerouter-upstream": self.backend}
+        served = self.served
+        if served:
+            tags["x-rerouter-target-model"] = quote(served, safe="/:@._-+=")
         return tags
+
+    @property
+    def served(self) -> str | None:
+        """The model id the answer came from: the target tried last, else the first target."""
+        if self.target is not None and self.target.model:
+            return self.target.model
+        return self.resolution.target if self.resolution else None
 
     def finish(self, labels: metrics.ModelLabels) -> None:
         duration = time.perf_counter() - self.started
         source = self.resolution.source if self.resolution else None
-        target = self.resolution.target if self.resolution else None
+        target = self.served
         target_label = labels(target)
         metrics.IN_FLIGHT.dec()
-        metrics.REQUESTS.labels(self.endpoint, labels(source), target_label, str(self.status)).inc()
-        metrics.DURATION.labels(self.endpoint, target_label).observe(duration)
+        metrics.child(metrics.REQUESTS, self.endpoint, labels(source), target_label, str(self.status)).inc()
+        metrics.child(metrics.DURATION, self.endpoint, target_label).observe(duration)
         if self.first_byte is not None:
-            metrics.TIME_TO_FIRST_BYTE.labels(self.endpoint, target_label).observe(
+            metrics.child(metrics.TIME_TO_FIRST_BYTE, self.endpoint, target_label).observe(
                 self.first_byte - self.started
             )
         if self.outcome is not None:
-            metrics.STREAMS.labels(self.endpoint, target_label, self.outcome).inc()
+            metrics.child(metrics.STREAMS, self.endpoint, target_label, self.outcome).inc()
         if self.upstream_error is not None:
-            metrics.UPSTREAM_ERRORS.labels(target_label, self.upstream_error).inc()
+            metrics.child(metrics.UPSTREAM_ERRORS, target_label, self.upstream_error).inc()
         if self.think_blocks:
-            metrics.THINKING_STRIPPED.labels(target_label).inc(self.think_blocks)
+            metrics.child(metrics.THINKING_STRIPPED, target_label).inc(self.think_blocks)
         log.info(
             "request",
             endpoint=self.endpoint,
             source_model=source,
             target_model=target,
+            upstream=self.backend,
             rule=self.resolution.rule if self.resolution else None,
             stream=self.stream,
             status=self.status,
@@ -148,6 +164,8 @@ def create_app(
     app.ctx.labels = metrics.ModelLabels(settings.metrics_max_models, settings.model_map.known_ids())
     app.ctx.ready = (0.0, False)
     app.ctx.draining = False
+
+    app.ctx.replicas = backends.pools(settings.backends, settings.upstream_cooldown)
 
     @app.before_server_start
     async def open_session(app: Sanic) -> None:
@@ -227,7 +245,8 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
             exchange.outcome = "client_disconnected"
         raise
     finally:
-        exchange.finish(request.app.ctx.labels)
+        # After the answer is written: Sanic sends a returned response before the loop runs this.
+        asyncio.get_running_loop().call_soon(exchange.finish, request.app.ctx.labels)
 
 
 async def proxy(request: Request, path: str) -> HTTPResponse | None:
@@ -236,30 +255,145 @@ async def proxy(request: Request, path: str) -> HTTPResponse | None:
 
 async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     settings = exchange.settings
-    rewritten = payload.rewrite(
-        request.body,
-        request.headers.get("content-type", ""),
-        exchange.endpoint,
-        settings.model_map,
-        settings.thinking,
-        request.method,
-    )
-    exchange.resolution = rewritten.resolution
-    exchange.stream = rewritten.stream
+    content_type = request.headers.get("content-type", "")
+
+    def body_for(choice: int) -> payload.Rewritten:
+        return payload.rewrite(
+            request.body,
+            content_type,
+            exchange.endpoint,
+            settings.model_map,
+            settings.policy,
+            request.method,
+            choice,
+        )
+
+    first = body_for(0)
+    exchange.resolution = first.resolution
+    exchange.stream = first.stream
+    return await _dispatch(request, exchange, first.body, lambda choice: body_for(choice).body)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """SSE filters in a row: think stripping, then renaming (either may be absent)."""
+
+    think: ThinkStream | None
+    rename: renaming.RenameStream | None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.think is not None:
+            chunk = self.think.feed(chunk)
+        return self.rename.feed(chunk) if self.rename is not None and chunk else chunk
+
+    def close(self) -> bytes:
+        tail = self.think.close() if self.think is not None else b""
+        if self.rename is not None:
+            tail = (self.rename.feed(tail) if tail else b"") + self.rename.close()
+        return tail
+
+    @property
+    def stripped(self) -> int:
+        return self.think.stripped if self.think is not None else 0
+
+
+class _TryNext(Exception):
+    """This attempt failed before any byte reached the client, and another one is left."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+async def _dispatch(
+    request: Request, exchange: Exchange, body: bytes, body_for: Callable[[int], bytes]
+) -> HTTPResponse | None:
+    """Try the resolution's targets in order, each up to 1 + RETRIES times, moving on only while
+    nothing has reached the client: after the first byte an answer is the client's, good or bad."""
+    settings = exchange.settings
+    targets = exchange.resolution.targets if exchange.resolution else (Target(""),)
+    plan = [(choice, target) for choice, target in enumerate(targets) for _ in range(settings.retries + 1)]
+    tried: set[str] = set()
+    retry = 0
+    for number, (choice, target) in enumerate(plan):
+        if number and choice != plan[number - 1][0]:
+            body, retry = body_for(choice), 0
+        try:
+            return await _attempt(request, exchange, target, body, tried, last=number == len(plan) - 1)
+        except _TryNext as failed:
+            following = plan[number + 1][1]
+            labels = request.app.ctx.labels
+            metrics.child(metrics.UPSTREAM_ERRORS, labels(target.model or None), failed.reason).inc()
+            metrics.child(
+                metrics.FALLBACKS,
+                labels(exchange.resolution.source if exchange.resolution else None),
+                labels(target.model or None),
+                labels(following.model or None),
+                failed.reason,
+            ).inc()
+            log.warning(
+                "upstream attempt failed, trying again" if following == target else "falling back",
+                from_target=target.model,
+                from_upstream=target.upstream,
+                to_target=following.model,
+                to_upstream=following.upstream,
+                reason=failed.reason,
+            )
+            exchange.status, exchange.upstream_error = 0, None
+            if following == target:
+                retry += 1
+                await asyncio.sleep(_backoff(retry))
+    raise AssertionError("the last attempt neither answers nor raises")  # pragma: no cover
+
+
+def _backoff(retry: int) -> float:
+    """Exponential with jitter, so clients retrying together do not hit a replica in step."""
+    return random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retry - 1))
+
+
+async def _attempt(
+    request: Request, exchange: Exchange, target: Target, body: bytes, tried: set[str], *, last: bool
+) -> HTTPResponse | None:
+    """One try on one replica of the target's backend; its in-flight count covers the whole
+    answer, streams included, and a failure of the replica itself starts its cool-down."""
+    settings = exchange.settings
+    backend = settings.backends[target.upstream]
+    replicas = exchange.replicas[target.upstream]
+    url = replicas.pick(tried) or replicas.pick()
+    assert url is not None  # pick() without exclusions always has a URL
+    tried.add(url)
+    exchange.target, exchange.backend = target, backend.name
     think = "keep"
     if request.method == "POST" and exchange.endpoint in payload.COMPLETION_ENDPOINTS:
-        think = settings.thinking.output_for(rewritten.resolution.target if rewritten.resolution else "")
-    return await _relay(request, exchange, rewritten.body, think)
+        think = settings.thinking.output_for(target.model)
+    source = exchange.resolution.source if exchange.resolution else None
+    rename = source if settings.response_model == "requested" and source != target.model else None
+    failed = False  # by the replica's own doing: a client leaving or a bad request is not
+    replicas.start(url)
+    try:
+        response = await _relay(request, exchange, backend, url, body, think, rename, last=last)
+        failed = exchange.status >= 500 or exchange.status == 429 or exchange.outcome == "upstream_error"
+        return response
+    except _TryNext:
+        failed = True
+        raise
+    except upstream.UpstreamError as exc:
+        failed = True
+        if not last and exc.reason in RETRYABLE:
+            raise _TryNext(exc.reason) from None
+        raise
+    finally:
+        replicas.done(url, not failed)
 
 
-def _upstream_url(request: Request, settings: Settings, path: str | None = None) -> str:
+def _upstream_url(request: Request, base: str, path: str | None = None) -> str:
     query = request.query_string
-    return settings.upstream((path or request.path) + (f"?{query}" if query else ""))
+    return base + (path or request.path) + (f"?{query}" if query else "")
 
 
-def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False) -> Any:
-    """The client's headers for the upstream; UPSTREAM_API_KEY replaces the client's credential."""
-    key = exchange.settings.upstream_api_key
+def _headers_up(request: Request, exchange: Exchange, backend: Backend, *, identity: bool = False) -> Any:
+    """The client's headers for the upstream; the backend's key (or UPSTREAM_API_KEY) replaces
+    the client's credential."""
+    key = backend.api_key or exchange.settings.upstream_api_key
     items = request.headers.items()
     headers = upstream.request_headers(access.without_credentials(items) if key else items)
     if key:
@@ -271,45 +405,70 @@ def _headers_up(request: Request, exchange: Exchange, *, identity: bool = False)
 
 
 async def _relay(
-    request: Request, exchange: Exchange, body: bytes, think: str = "keep"
+    request: Request,
+    exchange: Exchange,
+    backend: Backend,
+    url: str,
+    body: bytes,
+    think: str = "keep",
+    rename: str | None = None,
+    *,
+    last: bool = True,
 ) -> HTTPResponse | None:
     """Forward, and relay the answer.
 
     Read whole first: answers with a length or without a body, and JSON answers (a JSON answer
     cut or stalled half-way then still gets its own 502/504, and think blocks can be taken
     out). Relayed as they arrive: event streams and anything else of unknown length. ``think``
-    other than ``keep`` rewrites think blocks in a successful completion answer, which needs it
-    unencoded; otherwise the answer's bytes are relayed untouched.
+    other than ``keep`` rewrites think blocks in a successful completion answer, and ``rename``
+    names the model the client asked for in it; both need it unencoded. Otherwise the answer's
+    bytes are relayed untouched. Unless ``last``, a 5xx or 429 is not relayed but tried again.
     """
+    settings = exchange.settings
     async with upstream.call(
         request.app.ctx.session,
         request.method,
-        _upstream_url(request, exchange.settings),
+        _upstream_url(request, url),
         data=body or None,
-        headers=_headers_up(request, exchange, identity=think != "keep"),
-        limits=upstream.limits(exchange.settings, whole=not exchange.stream),
+        headers=_headers_up(request, exchange, backend, identity=think != "keep" or rename is not None),
+        limits=upstream.limits(settings, backend, whole=not exchange.stream),
     ) as answer:
+        if not last and (answer.status >= 500 or answer.status == 429):
+            raise _TryNext(f"http_{answer.status}" if answer.status == 429 else "http_5xx")
         _note_status(exchange, answer.status)
         headers = upstream.response_headers(answer.headers.items())
         event_stream = answer.content_type == "text/event-stream"
-        transform = think != "keep" and answer.status == 200
+        transform = answer.status == 200 and (think != "keep" or rename is not None)
         chat = exchange.endpoint == "chat/completions"
         json_answer = answer.content_type == "application/json"
+        gap = settings.read_timeout(backend)
         if not event_stream and (
             json_answer
             or answer.content_length is not None
             or answer.status in (204, 304)
             or request.method == "HEAD"
         ):
-            data = b"".join(
-                [chunk async for chunk in _chunks(answer, exchange.settings.upstream_read_timeout)]
-            )
+            with upstream.BodyReader(answer, gap) as reader:
+                data = await reader.whole()
             if transform and json_answer:
-                data = _without_think(data, think, chat, exchange)
+                data = _transformed(data, think, chat, rename, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
-        stream = ThinkStream(think, chat) if transform and event_stream else None
-        await _stream(request, exchange, answer, headers, stream)
+        stream = _stream_filter(think, chat, rename) if transform and event_stream else None
+        await _stream(request, exchange, answer, headers, gap, stream)
         return None
+
+
+def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchange: Exchange) -> bytes:
+    if think != "keep":
+        data = _without_think(data, think, chat, exchange)
+    return renaming.rename_json(data, rename) if rename is not None else data
+
+
+def _stream_filter(think: str, chat: bool, rename: str | None) -> StreamFilter:
+    """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out)."""
+    stripper = ThinkStream(think, chat) if think != "keep" else None
+    renamer = renaming.RenameStream(rename) if rename is not None else None
+    return StreamFilter(stripper, renamer)
 
 
 def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> bytes:
@@ -334,7 +493,8 @@ async def _stream(
     exchange: Exchange,
     answer: aiohttp.ClientResponse,
     headers: list[tuple[str, str]],
-    think: ThinkStream | None,
+    gap: float,
+    think: StreamFilter | None,
 ) -> None:
     """Relay chunks as they arrive (through ``think`` when given). An upstream failure mid-way
     closes the client's connection without the final chunk, so the client sees a broken stream
@@ -344,44 +504,33 @@ async def _stream(
     headers.extend(tags.items())
     if answer.content_type == "text/event-stream":
         headers.append(("x-accel-buffering", "no"))
-    chunks = _chunks(answer, exchange.settings.upstream_read_timeout)
-    first = await anext(chunks, b"")  # before any byte is sent, a failure still gets its status
-    exchange.outcome = "started"
-    response = await request.respond(status=answer.status, headers=headers)
-    try:
-        chunk: bytes | None = first
-        while chunk is not None:
-            data = chunk if think is None else think.feed(chunk)
-            if data:
-                if exchange.first_byte is None:
-                    exchange.first_byte = time.perf_counter()
-                await response.send(data)
-            chunk = await anext(chunks, None)
-        if think is not None and (tail := think.close()):
-            await response.send(tail)
-    except upstream.FAILURES as exc:
-        exchange.outcome = "upstream_error"
-        exchange.upstream_error = upstream.failure(exc).reason
-        log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
-        if request.transport is not None:
-            request.transport.close()
-        return
-    finally:
-        if think is not None:
-            exchange.think_blocks = think.stripped
+    with upstream.BodyReader(answer, gap) as body:
+        first = await body.read()  # before any byte is sent, a failure still gets its status
+        exchange.outcome = "started"
+        response = await request.respond(status=answer.status, headers=headers)
+        try:
+            chunk = first
+            while chunk:
+                data = chunk if think is None else think.feed(chunk)
+                if data:
+                    if exchange.first_byte is None:
+                        exchange.first_byte = time.perf_counter()
+                    await response.send(data)
+                chunk = await body.read()
+            if think is not None and (tail := think.close()):
+                await response.send(tail)
+        except upstream.FAILURES as exc:
+            exchange.outcome = "upstream_error"
+            exchange.upstream_error = upstream.failure(exc).reason
+            log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
+            if request.transport is not None:
+                request.transport.close()
+            return
+        finally:
+            if think is not None:
+                exchange.think_blocks = think.stripped
     await response.eof()
     exchange.outcome = "completed"
-
-
-async def _chunks(answer: aiohttp.ClientResponse, gap: float) -> AsyncIterator[bytes]:
-    """The body as it arrives. Each read has its own deadline as well as aiohttp's sock_read:
-    aiohttp's C parser can wait forever on a malformed chunk-size line."""
-    while True:
-        async with asyncio.timeout(gap):
-            chunk = await answer.content.readany()
-        if not chunk:
-            return
-        yield chunk
 
 
 async def list_models(request: Request) -> HTTPResponse | None:
@@ -389,13 +538,43 @@ async def list_models(request: Request) -> HTTPResponse | None:
 
 
 async def _list_models(request: Request, exchange: Exchange) -> HTTPResponse:
-    """The upstream's list plus every exact alias of MODEL_MAP that it does not already name."""
-    listing = await _upstream_models(request, exchange)
-    if isinstance(listing, HTTPResponse):
-        return listing
-    present = {entry.get("id") for entry in listing["data"] if isinstance(entry, dict)}
+    """Every backend's list merged (the first backend naming an id describes it), plus every exact
+    alias of MODEL_MAP that no backend names. A backend that fails is left out, logged; only when
+    none answers does the client get the default backend's answer or error."""
+    names = list(exchange.settings.backends)
+    results = await asyncio.gather(
+        *(_upstream_models(request, exchange, name) for name in names), return_exceptions=True
+    )
+    listing: dict[str, Any] | None = None
+    entries: list[Any] = []
+    present: set[Any] = set()
+    answered: list[str] = []
+    for name, result in zip(names, results, strict=True):
+        if isinstance(result, dict):
+            listing = listing or result
+            answered.append(name)
+            for entry in result["data"]:
+                key = entry.get("id") if isinstance(entry, dict) else None
+                if key is None or key not in present:
+                    present.add(key)
+                    entries.append(entry)
+            continue
+        if isinstance(result, BaseException) and not isinstance(result, ProxyError):
+            raise result
+        reason = (
+            result.reason if isinstance(result, upstream.UpstreamError) else f"http_{result.status // 100}xx"
+        )
+        log.warning("model list unavailable", upstream=name, reason=reason)
+    if listing is None:
+        exchange.backend = DEFAULT_BACKEND
+        first = results[names.index(DEFAULT_BACKEND)]
+        if isinstance(first, HTTPResponse):
+            _note_status(exchange, first.status)
+            return first
+        raise first  # type: ignore[misc]
+    exchange.backend = ",".join(answered)
     aliases = exchange.settings.model_map.aliases()
-    listing["data"] += [_alias_entry(alias) for alias in aliases if alias not in present]
+    listing["data"] = entries + [_alias_entry(alias) for alias in aliases if alias not in present]
     return HTTPResponse(payload.dumps(listing), content_type="application/json")
 
 
@@ -404,39 +583,49 @@ async def get_model(request: Request, model_id: str) -> HTTPResponse | None:
 
 
 async def _get_model(request: Request, exchange: Exchange, model_id: str) -> HTTPResponse | None:
-    """An alias is described by its target's entry from the upstream's list, under its own id."""
+    """An alias is described by its first target's entry from that target's backend, under its
+    own id; any other id is the default backend's to answer."""
     resolution = exchange.settings.model_map.resolve(model_id)
     exchange.resolution = resolution
     if resolution.rule is None:
-        return await _relay(request, exchange, b"")
-    listing = await _upstream_models(request, exchange)
+        return await _dispatch(request, exchange, b"", lambda _: b"")
+    target = resolution.targets[0]
+    exchange.target, exchange.backend = target, target.upstream
+    listing = await _upstream_models(request, exchange, target.upstream)
     if isinstance(listing, HTTPResponse):
+        _note_status(exchange, listing.status)
         return listing
     for entry in listing["data"]:
-        if isinstance(entry, dict) and entry.get("id") == resolution.target:
+        if isinstance(entry, dict) and entry.get("id") == target.model:
             return json({**entry, "id": model_id})
     raise ProxyError(
         404,
-        f"model {model_id!r} maps to {resolution.target!r}, which the upstream does not list",
+        f"model {model_id!r} maps to {target.model!r}, which upstream {target.upstream!r} does not list",
         "model_not_found",
     )
 
 
-async def _upstream_models(request: Request, exchange: Exchange) -> dict[str, Any] | HTTPResponse:
-    """The upstream's /v1/models listing, or its non-200 answer to relay as it came."""
-    async with upstream.call(
-        request.app.ctx.session,
-        "GET",
-        _upstream_url(request, exchange.settings, "/v1/models"),
-        headers=_headers_up(request, exchange, identity=True),
-        limits=upstream.limits(exchange.settings, whole=True),
-    ) as answer:
-        _note_status(exchange, answer.status)
-        body = await answer.read()
-    if answer.status != 200:
-        return HTTPResponse(
-            body, status=answer.status, headers=upstream.response_headers(answer.headers.items())
-        )
+async def _upstream_models(request: Request, exchange: Exchange, name: str) -> dict[str, Any] | HTTPResponse:
+    """A backend's /v1/models listing, or its non-200 answer to relay as it came. A replica that
+    fails (no connection, timeout, 5xx) hands over to the next one, so one dead replica does not
+    hide a backend whose others serve."""
+    replicas = exchange.replicas[name]
+    tried: set[str] = set()
+    while True:
+        url = replicas.pick(tried)
+        assert url is not None
+        tried.add(url)
+        last = len(tried) == len(replicas.urls)
+        try:
+            status, headers, body = await _listing_from(request, exchange, name, url)
+        except upstream.UpstreamError:
+            if last:
+                raise
+            continue
+        if status < 500 or last:
+            break
+    if status != 200:
+        return HTTPResponse(body, status=status, headers=headers)
     try:
         listing = payload.loads(body)
     except ProxyError:
@@ -444,6 +633,29 @@ async def _upstream_models(request: Request, exchange: Exchange) -> dict[str, An
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         raise upstream.UpstreamError(502, "the upstream's model list is not an OpenAI list", "bad_response")
     return listing
+
+
+async def _listing_from(
+    request: Request, exchange: Exchange, name: str, url: str
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    settings = exchange.settings
+    backend = settings.backends[name]
+    replicas = exchange.replicas[name]
+    healthy = False
+    replicas.start(url)
+    try:
+        async with upstream.call(
+            request.app.ctx.session,
+            "GET",
+            _upstream_url(request, url, "/v1/models"),
+            headers=_headers_up(request, exchange, backend, identity=True),
+            limits=upstream.limits(settings, backend, whole=True),
+        ) as answer:
+            body = await answer.read()
+        healthy = answer.status < 500
+        return answer.status, upstream.response_headers(answer.headers.items()), body
+    finally:
+        replicas.done(url, healthy)
 
 
 def _alias_entry(alias: str) -> dict[str, Any]:
@@ -455,8 +667,8 @@ async def healthz(request: Request) -> HTTPResponse:
 
 
 async def readyz(request: Request) -> HTTPResponse:
-    """200 while the upstream answers HTTP at all (any status below 500), probed at most every
-    few seconds per worker so a busy kubelet cannot turn probes into upstream load."""
+    """200 while the default backend answers HTTP at all (any status below 500), probed at most
+    every few seconds per worker so a busy kubelet cannot turn probes into upstream load."""
     if request.app.ctx.draining:
         return ProxyError(503, "the proxy is shutting down", "shutting_down").response()
     checked, ready = request.app.ctx.ready
@@ -470,9 +682,15 @@ async def readyz(request: Request) -> HTTPResponse:
 
 
 async def _probe(request: Request) -> bool:
+    """Any replica of the default backend answering is enough: requests skip the others."""
+    urls = request.app.ctx.replicas[DEFAULT_BACKEND].urls
+    return any(await asyncio.gather(*(_answers(request, url) for url in urls)))
+
+
+async def _answers(request: Request, url: str) -> bool:
     try:
         async with request.app.ctx.session.get(
-            _upstream_url(request, request.app.ctx.settings, "/v1/models"), timeout=READY_PROBE_TIMEOUT
+            _upstream_url(request, url, "/v1/models"), timeout=READY_PROBE_TIMEOUT
         ) as answer:
             return answer.status < 500
     except upstream.FAILURES:

@@ -29,7 +29,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"openai-model-rerouter: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     if command == "check":
-        print(f"openai-model-rerouter: settings are valid (upstream {settings.upstream_url})")
+        named = "; ".join(f"{name} {', '.join(b.urls)}" for name, b in settings.backends.items())
+        print(f"openai-model-rerouter: settings are valid (upstreams: {named})")
         return
     if command == "resolve":
         print(describe(settings, model or ""))
@@ -49,10 +50,22 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def describe(settings: Settings, model: str) -> str:
-    """What `resolve` prints: the rule that matched, the target model and the upstream."""
+    """What `resolve` prints: the rule that matched, then each target in the order tried, with
+    its backend's URLs and the parameter policy that applies to it."""
     resolution = settings.model_map.resolve(model)
     rule = "no rule (passed through)" if resolution.rule is None else f"rule {resolution.rule!r}"
-    return f"{model} -> {resolution.target}  [{rule}; upstream default: {settings.upstream_url}]"
+    lines = []
+    for position, target in enumerate(resolution.targets):
+        urls = ", ".join(settings.backends[target.upstream].urls)
+        where = f"upstream {target.upstream}: {urls}"
+        if position == 0:
+            lines.append(f"{model} -> {target.model}  [{rule}; {where}]")
+        else:
+            lines.append(f"  then {target.model}  [{where}]")
+        params = settings.model_params.rule_for(target.model)
+        if params is not None:
+            lines.append(f"    params: {params.describe()}")
+    return "\n".join(lines)
 
 
 def _prepare_metrics_dir() -> None:

@@ -16,13 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 
 from service import __version__
 from service.access import parse_keys, read_keys_file
+from service.backends import Backend, parse_upstream_url, parse_upstreams, with_default
 from service.mapping import MappingError, ModelMap, is_regex_key
+from service.params import ParamPolicy, ParamsError
+from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
 DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
@@ -34,7 +36,8 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Settings:
-    upstream_url: str
+    upstream_url: str | None
+    upstreams: Mapping[str, Backend] = field(default_factory=dict)
     model_map: ModelMap = field(default_factory=lambda: ModelMap.parse({}))
     disable_thinking: bool | re.Pattern[str] = False
     thinking_switch: str = "suffix"
@@ -57,6 +60,10 @@ class Settings:
     upstream_max_connections: int = 1024
     config_file: str | None = None
     config_poll_seconds: float = 2.0
+    retries: int = 0
+    upstream_cooldown: float = 10.0
+    response_model: str = "upstream"
+    model_params: ParamPolicy = field(default_factory=ParamPolicy)
     demo: bool = False
 
     @property
@@ -75,37 +82,34 @@ class Settings:
     def thinking(self) -> ThinkingPolicy:
         return ThinkingPolicy(self.disable_thinking, self.thinking_switch, self.think_output)
 
-    def upstream(self, path: str) -> str:
-        """The upstream URL for a ``/v1/...`` path (raw, query string included)."""
-        return self.upstream_url + path
+    @cached_property
+    def policy(self) -> Policy:
+        return Policy(self.thinking, self.model_params)
+
+    @cached_property
+    def backends(self) -> dict[str, Backend]:
+        """Every backend by name, ``default`` (UPSTREAM_URL, or UPSTREAMS' own) first."""
+        return with_default(self.upstreams, self.upstream_url)
+
+    def read_timeout(self, backend: Backend) -> float:
+        return backend.read_timeout or self.upstream_read_timeout
 
 
-def parse_upstream_url(value: str) -> str:
-    """Accept ``http://h:8000`` and ``http://h:8000/v1`` alike; keep the base without ``/v1``."""
-    parts = urlsplit(value.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"not an http(s) URL: {value!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"must not carry a query or fragment: {value!r}")
-    try:
-        _ = parts.port
-    except ValueError:
-        raise ValueError(f"bad port in {value!r}") from None
-    path = parts.path.rstrip("/")
-    if path.endswith("/v1"):
-        path = path[: -len("/v1")]
-    return f"{parts.scheme}://{parts.netloc}{path}"
+def _json_object(parse: Callable[[object], Any], error: type[ValueError]) -> Callable[[str], Any]:
+    def parse_text(value: str) -> Any:
+        try:
+            raw = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"invalid JSON: {exc}") from None
+        try:
+            return parse(raw)
+        except error as exc:
+            raise ValueError(str(exc)) from None
+
+    return parse_text
 
 
-def parse_model_map(value: str) -> ModelMap:
-    try:
-        raw = json.loads(value) if value.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"invalid JSON: {exc}") from None
-    try:
-        return ModelMap.parse(raw)
-    except MappingError as exc:
-        raise ValueError(str(exc)) from None
+parse_model_map = _json_object(ModelMap.parse, MappingError)
 
 
 def parse_thinking_scope(value: str) -> bool | re.Pattern[str]:
@@ -192,7 +196,18 @@ class _Option:
 
 OPTIONS = (
     _Option("UPSTREAM_URL", "upstream_url", parse_upstream_url, "OpenAI-compatible server base URL"),
-    _Option("MODEL_MAP", "model_map", parse_model_map, "JSON object: source id or /regex/ -> target"),
+    _Option(
+        "UPSTREAMS",
+        "upstreams",
+        _json_object(parse_upstreams, ValueError),
+        'JSON object: backend name -> URL or {"urls": [...], "api_key", "connect_timeout", "read_timeout"}',
+    ),
+    _Option(
+        "MODEL_MAP",
+        "model_map",
+        parse_model_map,
+        'JSON object: source id or /regex/ -> target id, {"model", "upstream"}, or a fallback list',
+    ),
     _Option(
         "DISABLE_THINKING",
         "disable_thinking",
@@ -286,6 +301,30 @@ OPTIONS = (
         "upstream_max_connections",
         _int_between(0, 1_000_000),
         "upstream connections per worker, streams included; 0 = no limit (default 1024)",
+    ),
+    _Option(
+        "RETRIES",
+        "retries",
+        _int_between(0, 10),
+        "extra tries of the same target on a retryable failure, before the next fallback (default 0)",
+    ),
+    _Option(
+        "UPSTREAM_COOLDOWN",
+        "upstream_cooldown",
+        _seconds(zero_ok=True),
+        "seconds a replica that failed is skipped while others are healthy (default 10)",
+    ),
+    _Option(
+        "RESPONSE_MODEL",
+        "response_model",
+        _choice("upstream", "requested"),
+        "model named in answers: upstream (as served) or requested (the client's id) (default upstream)",
+    ),
+    _Option(
+        "MODEL_PARAMS",
+        "model_params",
+        _json_object(ParamPolicy.parse, ParamsError),
+        "JSON object: target id or /regex/ -> {defaults, overrides, drop}",
     ),
     _Option(
         "CONFIG_FILE",
@@ -408,6 +447,15 @@ def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Setti
     if demo:
         values.setdefault("model_map", parse_model_map(DEMO_MODEL_MAP))
         values["upstream_url"] = "http://127.0.0.1:0"
-    if "upstream_url" not in values:
+    if "upstream_url" not in values and "default" not in values.get("upstreams", {}):
         raise ConfigError("UPSTREAM_URL: required (or run with --demo for a built-in upstream)")
-    return Settings(**values)
+    settings = Settings(**{"upstream_url": None, **values})
+    try:
+        backends = settings.backends
+    except ValueError as exc:
+        raise ConfigError(f"UPSTREAMS: {exc}") from None
+    try:
+        settings.model_map.check_upstreams(backends)
+    except MappingError as exc:
+        raise ConfigError(f"MODEL_MAP: {exc}") from None
+    return settings

@@ -1,12 +1,19 @@
-"""Model id rewriting: exact aliases first, then whole-id regexes in the order written."""
+"""Model id rewriting: exact aliases first, then whole-id regexes in the order written.
+
+A target is a model id on a named upstream backend ("default" unless written); a list of targets
+is a fallback order, tried first to last by whoever forwards the request.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
 
+_RESOLVED_MAX = 4096
 _GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
+_TARGET_FIELDS = ("model", "upstream")
+_ITEM_SHAPE = 'a non-empty string or an object {"model", "upstream"}'
 
 
 class MappingError(ValueError):
@@ -14,51 +21,79 @@ class MappingError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    """One place a request can go: a model id on a named upstream backend."""
+
+    model: str
+    upstream: str = "default"
+
+
+@dataclass(frozen=True, slots=True)
 class Resolution:
-    """Where a requested id goes, and which rule sent it there (None: passed through)."""
+    """Where a requested id goes, in fallback order, and which rule sent it there (None: passed through)."""
 
     source: str
-    target: str
+    targets: tuple[Target, ...]
     rule: str | None
+
+    @property
+    def target(self) -> str:
+        """The first choice's model id: what the request is rewritten to before any fallback."""
+        return self.targets[0].model
+
+    @property
+    def upstream(self) -> str:
+        return self.targets[0].upstream
 
 
 @dataclass(frozen=True, slots=True)
 class _RegexRule:
     key: str
     pattern: re.Pattern[str]
-    target: str
+    targets: tuple[Target, ...]
 
 
 @dataclass(frozen=True)
 class ModelMap:
-    exact: Mapping[str, str]
+    exact: Mapping[str, tuple[Target, ...]]
     regexes: tuple[_RegexRule, ...]
+    # Regex results by requested id: a regex scan and a template expansion cost more than the
+    # rest of the rewrite. Cleared when full, so clients cannot grow it without bound.
+    _resolved: dict[str, Resolution] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def parse(cls, raw: object) -> ModelMap:
         """Validate a decoded MODEL_MAP object; every problem names its key."""
         if not isinstance(raw, dict):
             raise MappingError("must be a JSON object of source id -> target id")
-        exact: dict[str, str] = {}
+        exact: dict[str, tuple[Target, ...]] = {}
         regexes: list[_RegexRule] = []
-        for key, target in raw.items():
-            if not isinstance(target, str) or not target:
-                raise MappingError(f"key {key!r}: target must be a non-empty string")
+        for key, value in raw.items():
+            targets = _parse_targets(key, value)
             if is_regex_key(key):
-                regexes.append(_compile_rule(key, target))
+                regexes.append(_compile_rule(key, targets))
             else:
-                exact[key] = target
+                exact[key] = targets
         return cls(exact=exact, regexes=tuple(regexes))
 
     def resolve(self, model: str) -> Resolution:
-        target = self.exact.get(model)
-        if target is not None:
-            return Resolution(model, target, model)
+        targets = self.exact.get(model)
+        if targets is not None:
+            return Resolution(model, targets, model)
+        resolution = self._resolved.get(model)
+        if resolution is None:
+            if len(self._resolved) >= _RESOLVED_MAX:
+                self._resolved.clear()
+            resolution = self._resolved[model] = self._by_regex(model)
+        return resolution
+
+    def _by_regex(self, model: str) -> Resolution:
         for rule in self.regexes:
             match = rule.pattern.fullmatch(model)
             if match is not None:
-                return Resolution(model, match.expand(rule.target), rule.key)
-        return Resolution(model, model, None)
+                expanded = tuple(Target(match.expand(t.model), t.upstream) for t in rule.targets)
+                return Resolution(model, expanded, rule.key)
+        return Resolution(model, (Target(model),), None)
 
     def aliases(self) -> list[str]:
         """Exact source ids: the ones /v1/models can advertise."""
@@ -66,31 +101,99 @@ class ModelMap:
 
     def known_ids(self) -> set[str]:
         """Ids the operator wrote down; metrics always give these their own label."""
-        targets = {rule.target for rule in self.regexes if not _GROUP_REF.search(rule.target)}
-        return set(self.exact) | set(self.exact.values()) | targets
+        targets = {
+            target.model
+            for key, target in self._targets()
+            if not (is_regex_key(key) and _GROUP_REF.search(target.model))
+        }
+        return set(self.exact) | targets
+
+    def check_upstreams(self, names: Collection[str]) -> None:
+        """Refuse at start-up a rule that sends requests to a backend nobody configured."""
+        for key, target in self._targets():
+            if target.upstream not in names:
+                listed = ", ".join(sorted(names)) or "none"
+                raise MappingError(
+                    f"key {key!r}: unknown upstream {target.upstream!r} (UPSTREAMS names: {listed})"
+                )
+
+    def _targets(self) -> Iterator[tuple[str, Target]]:
+        """Every (key, target) pair written, exact keys first, then regexes in order."""
+        for key, targets in self.exact.items():
+            for target in targets:
+                yield key, target
+        for rule in self.regexes:
+            for target in rule.targets:
+                yield rule.key, target
 
 
 def is_regex_key(key: str) -> bool:
     return len(key) >= 2 and key.startswith("/") and key.endswith("/")
 
 
-def _compile_rule(key: str, target: str) -> _RegexRule:
+def _parse_targets(key: str, value: object) -> tuple[Target, ...]:
+    """One target, or a fallback list of them; lists do not nest."""
+    if not isinstance(value, list):
+        return (_parse_target(key, value, "target", f"{_ITEM_SHAPE}, or a non-empty list of those"),)
+    if not value:
+        raise MappingError(f"key {key!r}: fallback list must not be empty")
+    targets: list[Target] = []
+    for index, item in enumerate(value):
+        if isinstance(item, list):
+            raise MappingError(f"key {key!r}: fallback list item {index} is a list; lists do not nest")
+        target = _parse_target(key, item, f"fallback list item {index}", _ITEM_SHAPE)
+        if target in targets:
+            raise MappingError(
+                f"key {key!r}: fallback list names model {target.model!r} "
+                f"on upstream {target.upstream!r} twice"
+            )
+        targets.append(target)
+    return tuple(targets)
+
+
+def _parse_target(key: str, value: object, where: str, shape: str) -> Target:
+    """``where`` and ``shape`` say, in an error, which value was wrong and what it should be."""
+    if isinstance(value, str) and value:
+        return Target(value)
+    if not isinstance(value, dict):
+        raise MappingError(f"key {key!r}: {where} must be {shape}")
+    unknown = [field for field in value if field not in _TARGET_FIELDS]
+    if unknown:
+        raise MappingError(
+            f"key {key!r}: {where} has unknown field {unknown[0]!r} (allowed: {', '.join(_TARGET_FIELDS)})"
+        )
+    model = value.get("model")
+    upstream = value.get("upstream", "default")
+    if not isinstance(model, str) or not model:
+        raise MappingError(f'key {key!r}: {where} "model" must be a non-empty string')
+    if not isinstance(upstream, str) or not upstream:
+        raise MappingError(f'key {key!r}: {where} "upstream" must be a non-empty string')
+    return Target(model, upstream)
+
+
+def _compile_rule(key: str, targets: tuple[Target, ...]) -> _RegexRule:
     try:
         pattern = re.compile(key[1:-1])
     except re.error as exc:
         raise MappingError(f"key {key!r}: invalid regular expression: {exc}") from None
-    if _octal_escape(target):
+    # The same groups plus an empty alternative: a match to try each target's expansion on.
+    probe = re.compile(f"(?:{pattern.pattern})|").match("")
+    for target in targets:
+        _check_template(key, target.model, probe)
+    return _RegexRule(key, pattern, targets)
+
+
+def _check_template(key: str, template: str, probe: re.Match[str] | None) -> None:
+    """A template that would fail (or smuggle a NUL) at request time fails at start-up instead."""
+    if _octal_escape(template):
         raise MappingError(
-            f"key {key!r}: target {target!r} has an octal escape; write \\g<0> for the whole match"
+            f"key {key!r}: target {template!r} has an octal escape; write \\g<0> for the whole match"
         )
     try:
-        # The same groups plus an empty alternative: a match to try the target's expansion on.
-        probe = re.compile(f"(?:{pattern.pattern})|").match("")
         if probe is not None:
-            probe.expand(target)
+            probe.expand(template)
     except (re.error, IndexError) as exc:
-        raise MappingError(f"key {key!r}: invalid target {target!r}: {exc}") from None
-    return _RegexRule(key, pattern, target)
+        raise MappingError(f"key {key!r}: invalid target {template!r}: {exc}") from None
 
 
 def _octal_escape(target: str) -> bool:

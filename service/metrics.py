@@ -10,6 +10,8 @@ default single-process registry serves.
 from __future__ import annotations
 
 import os
+from functools import lru_cache
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -50,6 +52,12 @@ UPSTREAM_ERRORS = Counter(
     "rerouter_upstream_errors_total",
     "Upstream failures: connect, timeout, disconnected, bad_response, http_4xx, http_5xx.",
     ["target_model", "reason"],
+)
+FALLBACKS = Counter(
+    "rerouter_fallbacks_total",
+    "Attempts given up before any byte reached the client, and the target tried next "
+    "(the same target for a retry): reason connect, timeout, disconnected, http_5xx, http_429.",
+    ["source_model", "from_target", "to_target", "reason"],
 )
 THINKING_STRIPPED = Counter(
     "rerouter_thinking_stripped_total",
@@ -92,6 +100,13 @@ class ModelLabels:
             return self.OTHER
         self._seen.add(model)
         return model
+
+
+@lru_cache(maxsize=8192)
+def child(metric: Counter | Histogram, *labels: str) -> Any:
+    """``metric.labels(*labels)``, remembered: prometheus-client validates and locks on every call,
+    and the label sets are bounded anyway (ModelLabels caps the model values)."""
+    return metric.labels(*labels)
 
 
 def render() -> tuple[bytes, str]:

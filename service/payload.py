@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from service.errors import ProxyError
 from service.mapping import ModelMap, Resolution
+from service.params import ParamPolicy
 from service.thinking import ThinkingPolicy
 
 COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
@@ -74,55 +75,73 @@ def is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What the settings ask of a body besides its model: thinking switch, parameter policy."""
+
+    thinking: ThinkingPolicy
+    params: ParamPolicy = field(default_factory=ParamPolicy)
+
+
 def rewrite(
     raw: bytes,
     content_type: str,
     endpoint: str,
     model_map: ModelMap,
-    thinking: ThinkingPolicy,
+    policy: Policy,
     method: str = "POST",
+    choice: int = 0,
 ) -> Rewritten:
     """What to forward for this body, and how its model was resolved.
 
+    ``choice`` picks the target of a fallback list the body is written for (0: the first).
     A POST to the completion endpoints must carry a JSON object; their body-less GET and DELETE
     (stored completions) pass through.
     """
     if endpoint in COMPLETION_ENDPOINTS and (raw or method == "POST"):
-        return _rewrite_completion(raw, endpoint, model_map, thinking)
+        body = loads(raw) if raw else None
+        if not isinstance(body, dict):
+            raise ProxyError(400, "request body must be a JSON object", "invalid_json")
+        return _rewrite_json(raw, body, model_map, policy, choice, endpoint)
     if raw and is_json(content_type):
-        return _rewrite_json(raw, loads(raw), model_map)
+        return _rewrite_json(raw, loads(raw), model_map, policy, choice)
     if raw and content_type.lower().startswith("multipart/form-data"):
-        return _rewrite_multipart(raw, content_type, model_map)
+        return _rewrite_multipart(raw, content_type, model_map, choice)
     return Rewritten(raw, None)
 
 
-def _rewrite_completion(
-    raw: bytes, endpoint: str, model_map: ModelMap, thinking: ThinkingPolicy
+def _rewrite_json(
+    raw: bytes,
+    body: Any,
+    model_map: ModelMap,
+    policy: Policy,
+    choice: int,
+    completion: str | None = None,
 ) -> Rewritten:
-    body = loads(raw) if raw else None
-    if not isinstance(body, dict):
-        raise ProxyError(400, "request body must be a JSON object", "invalid_json")
-    resolution, changed = _resolve_in(body, model_map)
-    target = resolution.target if resolution else ""
-    changed = thinking.apply(body, target, chat=endpoint == "chat/completions") or changed
-    return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
-
-
-def _rewrite_json(raw: bytes, body: Any, model_map: ModelMap) -> Rewritten:
+    """The model, then (completions only) the thinking switch, then the parameter policy."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
-    resolution, changed = _resolve_in(body, model_map)
+    resolution, changed = _resolve_in(body, model_map, choice)
+    if resolution is not None:
+        target = resolution.targets[choice].model
+        if completion is not None:
+            changed = policy.thinking.apply(body, target, chat=completion == "chat/completions") or changed
+        if policy.params:
+            changed = policy.params.apply(body, target) or changed
+    elif completion is not None:
+        changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
     return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
 
 
-def _resolve_in(body: dict[str, Any], model_map: ModelMap) -> tuple[Resolution | None, bool]:
+def _resolve_in(body: dict[str, Any], model_map: ModelMap, choice: int) -> tuple[Resolution | None, bool]:
     model = body.get("model")
     if not isinstance(model, str):
         return None, False
     resolution = model_map.resolve(model)
-    if resolution.target == model:
+    target = resolution.targets[choice].model
+    if target == model:
         return resolution, False
-    body["model"] = resolution.target
+    body["model"] = target
     return resolution, True
 
 
@@ -146,7 +165,7 @@ def _is_model_field(headers: bytes) -> bool:
     return False
 
 
-def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap) -> Rewritten:
+def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap, choice: int) -> Rewritten:
     """Every ``model`` field is rewritten (form parsers differ on which of several they read)."""
     boundary = _boundary(content_type)
     if boundary is None:
@@ -165,7 +184,8 @@ def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap) -> Re
             continue
         resolution = model_map.resolve(model)
         first = first or resolution
-        if resolution.target != model:
-            parts[index] = part[: head_end + 4] + resolution.target.encode() + b"\r\n"
+        target = resolution.targets[min(choice, len(resolution.targets) - 1)].model
+        if target != model:
+            parts[index] = part[: head_end + 4] + target.encode() + b"\r\n"
             changed = True
     return Rewritten(delimiter.join(parts) if changed else raw, first)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import structlog
 from sanic import Sanic
 
-from service import metrics
+from service import backends, metrics
 from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
 
 log = structlog.get_logger("rerouter")
@@ -71,6 +71,7 @@ def apply(app: Sanic, sources: Sources) -> None:
     app.ctx.settings = fresh
     app.config.RESPONSE_TIMEOUT = fresh.response_timeout
     app.ctx.labels.known = fresh.model_map.known_ids()
+    app.ctx.replicas = backends.pools(fresh.backends, fresh.upstream_cooldown, app.ctx.replicas)
     metrics.CONFIG_RELOADS.labels("success").inc()
     if ignored:
         log.warning("config reloaded; these changes need a restart", settings=ignored)

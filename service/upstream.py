@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -11,6 +12,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
+from service.backends import Backend
 from service.config import Settings
 from service.errors import ProxyError
 
@@ -57,13 +59,14 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
-def limits(settings: Settings, *, whole: bool) -> aiohttp.ClientTimeout:
-    """Connect and between-bytes limits always; a total (REQUEST_TIMEOUT) only for answers read
-    whole, since a total would cut long streams."""
+def limits(settings: Settings, backend: Backend | None = None, *, whole: bool) -> aiohttp.ClientTimeout:
+    """Connect and between-bytes limits always (the backend's own, else the global ones); a
+    total (REQUEST_TIMEOUT) only for answers read whole, since a total would cut long streams."""
+    connect = backend.connect_timeout if backend is not None else None
     return aiohttp.ClientTimeout(
         total=settings.request_timeout if whole else None,
-        sock_connect=settings.upstream_connect_timeout,
-        sock_read=settings.upstream_read_timeout,
+        sock_connect=connect or settings.upstream_connect_timeout,
+        sock_read=settings.read_timeout(backend) if backend is not None else settings.upstream_read_timeout,
     )
 
 
@@ -83,9 +86,9 @@ def request_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     A value with a control character (tab aside) cannot be sent on: 400 rather than a failure
     deeper down."""
     items = list(headers)
-    for name, value in items:
-        if _CONTROL.search(value):
-            raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
+    if _CONTROL.search("\t".join(value for _, value in items)):  # one scan; tabs are allowed
+        name = next(name for name, value in items if _CONTROL.search(value))
+        raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
     drop = _dropped(items, _NOT_FORWARDED_UP)
     return CIMultiDict((name, value) for name, value in items if name.lower() not in drop)
 
@@ -131,3 +134,56 @@ async def call(
             yield response
     except FAILURES as exc:
         raise failure(exc) from None
+
+
+class BodyReader:
+    """The answer's body as it arrives, each read bounded by ``gap`` as well as by aiohttp's
+    sock_read: aiohttp's C parser can wait forever on a malformed chunk-size line.
+
+    One timer per body, re-armed only when it fires, rather than an ``asyncio.timeout`` per read:
+    a stream makes thousands of reads, and each timer costs a heap push and a cancel. Use it as a
+    context manager in the task that reads.
+    """
+
+    def __init__(self, answer: aiohttp.ClientResponse, gap: float) -> None:
+        self._content = answer.content
+        self._gap = gap
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._reading_since: float | None = None
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __enter__(self) -> BodyReader:
+        self._timer = self._loop.call_later(self._gap, self._check)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def _check(self) -> None:
+        since = self._reading_since
+        if since is not None and self._loop.time() - since >= self._gap and self._task is not None:
+            self._expired = True
+            self._task.cancel()
+            return
+        self._timer = self._loop.call_at((since or self._loop.time()) + self._gap, self._check)
+
+    async def read(self) -> bytes:
+        """What arrived since the last read; ``b""`` at the end of the body."""
+        self._reading_since = self._loop.time()
+        try:
+            return await self._content.readany()
+        except asyncio.CancelledError:
+            if self._expired and self._task is not None and self._task.uncancel() == 0:
+                raise TimeoutError("no body bytes from the upstream in time") from None
+            raise
+        finally:
+            self._reading_since = None
+
+    async def whole(self) -> bytes:
+        chunks = []
+        while chunk := await self.read():
+            chunks.append(chunk)
+        return b"".join(chunks)

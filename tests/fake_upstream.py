@@ -10,6 +10,11 @@ model it is asked for, so one server covers every case:
 - ``die-mid-stream``: three events, then the connection is cut without ending the body;
 - ``hang``: sleeps 30 s before any header;
 - ``status-<code>``: answers that status in OpenAI's error shape, ``Retry-After: 7`` on 429;
+  ``status-<code>-<anything>`` the same, so tests can tell such requests apart;
+- ``cut-after-<n>``: streamed, n events then the connection is cut without ending the body
+  (``cut-after-0``: right after the headers); not streamed, the headers with the whole answer's
+  Content-Length, half the body, then the cut;
+- ``stall-after-<n>``: the same, but instead of the cut 30 s of silence;
 - ``qwen3-think...`` (also after an ``org/`` prefix): a Qwen3-like thinking model. Choice ``i``
   answers ``QWEN_EMPTY_THINK`` + ``answer <i> from <model>`` when thinking is off (the last user
   message, or the prompt, ends with ``/no_think``, or ``chat_template_kwargs.enable_thinking`` is
@@ -29,6 +34,8 @@ model it is asked for, so one server covers every case:
 
 Non-completion paths echo what they received as JSON. ``in_flight`` counts the requests being
 answered right now (streams until their last byte) and ``peak_in_flight`` the most at once.
+``models`` is what ``/v1/models`` lists (``MODELS`` unless given), each ``owned_by`` the server's
+``owned_by``; ``start(port)`` may ask for a given port, and ``stop()`` closes the server again.
 """
 
 from __future__ import annotations
@@ -89,7 +96,10 @@ class FakeUpstream:
     slow_events_sent: list[int] = field(default_factory=list)
     in_flight: int = 0
     peak_in_flight: int = 0
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    owned_by: str = "fake"
     _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
 
     def last(self, path: str | None = None) -> Seen:
         """The most recent request, optionally the most recent to this path (query excluded)."""
@@ -111,7 +121,7 @@ class FakeUpstream:
         finally:
             self.in_flight -= 1
 
-    def start(self) -> None:
+    def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model_id:.+}", self._model)
@@ -121,11 +131,21 @@ class FakeUpstream:
         loop = asyncio.new_event_loop()
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
         loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         loop.run_until_complete(site.start())
         self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
         self._loop = loop
+        self._runner = runner
         threading.Thread(target=loop.run_forever, name="fake-upstream", daemon=True).start()
+
+    def stop(self) -> None:
+        """Close the listening socket and every open connection, then end the server's thread."""
+        loop, runner = self._loop, self._runner
+        if loop is None or runner is None:
+            return
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop = self._runner = None
 
     async def _record(self, request: web.Request) -> Seen:
         seen = Seen(request.method, request.raw_path, dict(request.headers), await request.read())
@@ -134,15 +154,15 @@ class FakeUpstream:
 
     async def _models(self, request: web.Request) -> web.Response:
         await self._record(request)
-        data = [{"id": m, "object": "model", "created": 1, "owned_by": "fake"} for m in MODELS]
+        data = [{"id": m, "object": "model", "created": 1, "owned_by": self.owned_by} for m in self.models]
         return web.json_response({"object": "list", "data": data})
 
     async def _model(self, request: web.Request) -> web.Response:
         await self._record(request)
         model_id = request.match_info["model_id"]
-        if model_id not in MODELS:
+        if model_id not in self.models:
             return _error(404, f"model {model_id} not found")
-        return web.json_response({"id": model_id, "object": "model", "created": 1, "owned_by": "fake"})
+        return web.json_response({"id": model_id, "object": "model", "created": 1, "owned_by": self.owned_by})
 
     async def _echo(self, request: web.Request) -> web.Response:
         seen = await self._record(request)
@@ -160,10 +180,13 @@ class FakeUpstream:
         body = seen.json()
         model = str(body.get("model"))
         if model.startswith("status-"):
-            return _error(int(model.removeprefix("status-")), "the fake upstream was told to fail")
+            code = model.removeprefix("status-").split("-", 1)[0]
+            return _error(int(code), "the fake upstream was told to fail")
         if model == "hang":
             await asyncio.sleep(30)
         chat = request.path.endswith("chat/completions")
+        if model.startswith(("cut-after-", "stall-after-")):
+            return await _broken(request, model, chat, bool(body.get("stream")))
         if model.startswith("paced-"):
             return await _paced(request, model, chat, bool(body.get("stream")))
         if is_qwen(model):
@@ -308,6 +331,30 @@ async def _paced(request: web.Request, model: str, chat: bool, stream: bool) -> 
             await asyncio.sleep(interval)
         await response.write(data[index * size : (index + 1) * size])
     await response.write_eof()
+    return response
+
+
+async def _broken(request: web.Request, model: str, chat: bool, stream: bool) -> web.StreamResponse:
+    """``cut-after-<n>`` and ``stall-after-<n>``: a good start, then a cut or 30 s of silence."""
+    kind, _, count = model.rpartition("-after-")
+    if stream:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index in range(int(count)):
+            await response.write(_event(model, chat, f"piece {index} "))
+    else:
+        text = f"reply from {model}"
+        choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        whole = {"id": "cmpl-fake", "object": "chat.completion", "model": model, "choices": [choice]}
+        data = orjson.dumps(whole)
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(data)
+        await response.prepare(request)
+        await response.write(data[: len(data) // 2])
+    if kind == "stall":
+        await asyncio.sleep(30)
+    assert request.transport is not None
+    request.transport.close()
     return response
 
 

@@ -210,3 +210,33 @@ def test_check_accepts_valid_settings_and_refuses_bad_ones() -> None:
     assert bad.code == 2
     assert bad.err.strip().startswith("openai-model-rerouter: MODEL_MAP: key '/(/'")
     assert run("resolve", "gpt-4o", MODEL_MAP=MAP).code == 2  # no UPSTREAM_URL: not valid settings
+
+
+def test_resolve_lists_every_target_with_its_backend_and_params() -> None:
+    result = run(
+        "resolve",
+        "gpt-4o",
+        UPSTREAM_URL="http://h:8000",
+        UPSTREAMS='{"big": {"urls": ["http://a:8000", "http://b:8000/v1"]}}',
+        MODEL_MAP='{"gpt-4o": [{"model": "qwen3-32b", "upstream": "big"}, "qwen3-4b"]}',
+        MODEL_PARAMS='{"qwen3-32b": {"defaults": {"temperature": 0.7}, "drop": ["logit_bias"]}}',
+    )
+    assert (result.code, result.err) == (0, "")
+    assert result.out.splitlines() == [
+        "gpt-4o -> qwen3-32b  [rule 'gpt-4o'; upstream big: http://a:8000, http://b:8000]",
+        "    params: defaults temperature; drop logit_bias",
+        "  then qwen3-4b  [upstream default: http://h:8000]",
+    ]
+
+
+def test_check_names_every_backend_and_refuses_an_unknown_one() -> None:
+    good = run("check", UPSTREAM_URL="http://h:8000", UPSTREAMS='{"big": "http://a:8000"}')
+    assert good.code == 0
+    assert "upstreams: default http://h:8000; big http://a:8000" in good.out
+    bad = run(
+        "check", UPSTREAM_URL="http://h:8000", MODEL_MAP='{"gpt-4o": {"model": "m", "upstream": "big"}}'
+    )
+    assert bad.code == 2
+    assert bad.err.strip() == (
+        "openai-model-rerouter: MODEL_MAP: key 'gpt-4o': unknown upstream 'big' (UPSTREAMS names: default)"
+    )

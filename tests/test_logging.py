@@ -24,6 +24,7 @@ REQUEST_FIELDS = {
     "endpoint",
     "source_model",
     "target_model",
+    "upstream",
     "rule",
     "stream",
     "status",

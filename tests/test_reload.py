@@ -29,6 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
 from service import reload
+from service.backends import pools
 from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
 from service.metrics import ModelLabels
 from tests.conftest import Proxy, StartProxy, eventually
@@ -380,9 +381,13 @@ def test_reloading_survives_a_file_that_is_not_utf8(
 
 
 def fake_app(settings: Settings) -> SimpleNamespace:
-    """What reload touches of a Sanic app: ctx.settings, ctx.labels and config."""
+    """What reload touches of a Sanic app: ctx.settings, ctx.labels, ctx.replicas and config."""
     return SimpleNamespace(
-        ctx=SimpleNamespace(settings=settings, labels=ModelLabels(10, settings.model_map.known_ids())),
+        ctx=SimpleNamespace(
+            settings=settings,
+            labels=ModelLabels(10, settings.model_map.known_ids()),
+            replicas=pools(settings.backends, settings.upstream_cooldown),
+        ),
         config=SimpleNamespace(RESPONSE_TIMEOUT=settings.response_timeout),
     )
 

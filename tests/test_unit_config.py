@@ -62,7 +62,7 @@ def test_settings_are_frozen() -> None:
 def test_upstream_url_with_or_without_v1_and_slash_normalises_to_one_base(given_url: str) -> None:
     loaded = load_settings({"UPSTREAM_URL": given_url})
     assert loaded.upstream_url == "http://h:8000"
-    assert loaded.upstream("/v1/chat/completions?x=1") == "http://h:8000/v1/chat/completions?x=1"
+    assert loaded.backends["default"].urls == ("http://h:8000",)
 
 
 @pytest.mark.parametrize(
@@ -71,7 +71,7 @@ def test_upstream_url_with_or_without_v1_and_slash_normalises_to_one_base(given_
 def test_a_sub_path_base_keeps_its_prefix(given_url: str) -> None:
     loaded = load_settings({"UPSTREAM_URL": given_url})
     assert loaded.upstream_url == "https://gw.example/openai"
-    assert loaded.upstream("/v1/models") == "https://gw.example/openai/v1/models"
+    assert loaded.backends["default"].urls == ("https://gw.example/openai",)
 
 
 @settings(max_examples=40, deadline=None)
@@ -563,3 +563,81 @@ def test_every_file_key_is_a_variable_in_lower_case() -> None:
     assert {option.field for option in OPTIONS} - {"config_file"} == set(FILE_KEYS)
     restart_only = RESTART_ONLY
     assert restart_only <= {field.name for field in dataclasses.fields(Settings)}
+
+
+# --- issue 7: backends, fallbacks, response model, parameter policy ---------------------------
+
+
+def test_upstreams_add_named_backends_next_to_the_default() -> None:
+    loaded = load_settings(
+        {**BASE, "UPSTREAMS": '{"big": {"urls": ["http://a:1/v1", "http://b:1"], "read_timeout": 5}}'}
+    )
+    assert list(loaded.backends) == ["default", "big"]
+    assert loaded.backends["default"].urls == ("http://upstream.test:8000",)
+    assert loaded.backends["big"].urls == ("http://a:1", "http://b:1")
+    assert loaded.read_timeout(loaded.backends["big"]) == 5.0
+    assert loaded.read_timeout(loaded.backends["default"]) == loaded.upstream_read_timeout
+
+
+def test_upstreams_may_define_the_default_instead_of_upstream_url() -> None:
+    loaded = load_settings({"UPSTREAMS": '{"default": {"urls": ["http://a:1", "http://b:1"]}}'})
+    assert loaded.upstream_url is None
+    assert loaded.backends["default"].urls == ("http://a:1", "http://b:1")
+
+
+@pytest.mark.parametrize(
+    ("environ", "start"),
+    [
+        (
+            {"UPSTREAMS": '{"default": "http://a:1"}'},
+            "UPSTREAMS: key 'default': already defined by UPSTREAM_URL",
+        ),
+        ({"UPSTREAMS": '{"big": "ftp://a"}'}, "UPSTREAMS: key 'big': "),
+        ({"UPSTREAMS": "[1]"}, "UPSTREAMS: must be a JSON object"),
+        ({"UPSTREAMS": "{"}, "UPSTREAMS: invalid JSON"),
+        (
+            {"MODEL_MAP": '{"gpt-4o": {"model": "m", "upstream": "big"}}'},
+            "MODEL_MAP: key 'gpt-4o': unknown upstream 'big'",
+        ),
+        (
+            {"MODEL_MAP": '{"/gpt-(.*)/": ["a", {"model": "b", "upstream": "nope"}]}'},
+            "MODEL_MAP: key '/gpt-(.*)/'",
+        ),
+        ({"RETRIES": "11"}, "RETRIES: 11 is out of range 0..10"),
+        ({"RESPONSE_MODEL": "client"}, "RESPONSE_MODEL: expected one of upstream, requested"),
+        ({"UPSTREAM_COOLDOWN": "-1"}, "UPSTREAM_COOLDOWN: expected a non-negative number of seconds"),
+        ({"MODEL_PARAMS": '{"m": {"overrides": {"model": "x"}}}'}, "MODEL_PARAMS: key 'm'"),
+        ({"MODEL_PARAMS": '{"m": {"typo": {}}}'}, "MODEL_PARAMS: key 'm'"),
+    ],
+)
+def test_routing_settings_fail_at_start_naming_the_variable(environ: dict[str, str], start: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load_settings({**BASE, **environ})
+    assert str(raised.value).startswith(start)
+    assert "\n" not in str(raised.value)
+
+
+def test_routing_settings_in_the_config_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "upstream_url: http://d:1\n"
+        "upstreams:\n  big: {urls: [http://a:1, http://b:1], api_key: sk-big}\n"
+        "model_map:\n  gpt-4o: [{model: qwen3-32b, upstream: big}, qwen3-4b]\n"
+        "retries: 2\nresponse_model: requested\nupstream_cooldown: 0.5\n"
+        "model_params:\n  qwen3-32b: {defaults: {temperature: 0.7}, drop: [logit_bias]}\n"
+    )
+    loaded = load_settings({"CONFIG_FILE": str(config)})
+    targets = loaded.model_map.resolve("gpt-4o").targets
+    assert [(t.model, t.upstream) for t in targets] == [("qwen3-32b", "big"), ("qwen3-4b", "default")]
+    assert loaded.backends["big"].api_key == "sk-big"
+    assert (loaded.retries, loaded.response_model, loaded.upstream_cooldown) == (2, "requested", 0.5)
+    body = {"model": "qwen3-32b", "logit_bias": {"1": 2}}
+    assert loaded.model_params.apply(body, "qwen3-32b")
+    assert body == {"model": "qwen3-32b", "temperature": 0.7}
+
+
+def test_routing_defaults() -> None:
+    loaded = load_settings(BASE)
+    assert (loaded.retries, loaded.response_model, loaded.upstream_cooldown) == (0, "upstream", 10.0)
+    assert not loaded.model_params
+    assert list(loaded.backends) == ["default"]

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from service import payload
 from service.errors import ProxyError
 from service.mapping import ModelMap
+from service.params import ParamPolicy
 from service.thinking import NO_THINK, ThinkingPolicy
 
 MAP = ModelMap.parse(
@@ -27,8 +28,12 @@ JSON = "application/json"
 
 
 def rewrite(raw: bytes, endpoint: str = "chat/completions", content_type: str = JSON, **kw: Any) -> Any:
-    policy = ThinkingPolicy(disable=kw.get("disable_thinking", False))
-    return payload.rewrite(raw, content_type, endpoint, MAP, policy, kw.get("method", "POST"))
+    policy = payload.Policy(
+        ThinkingPolicy(disable=kw.get("disable_thinking", False)), kw.get("params", ParamPolicy())
+    )
+    return payload.rewrite(
+        raw, content_type, endpoint, MAP, policy, kw.get("method", "POST"), kw.get("choice", 0)
+    )
 
 
 # -- completion endpoints: a JSON object is required ------------------------------------------
@@ -388,3 +393,27 @@ def test_is_json() -> None:
     assert not payload.is_json("text/json-ish")
     assert not payload.is_json("")
     assert orjson.loads(payload.dumps({"a": 1})) == {"a": 1}
+
+
+FALLBACK_MAP = ModelMap.parse({"gpt-4o": ["first-model", {"model": "second-model", "upstream": "default"}]})
+
+
+def test_choice_writes_the_body_for_a_later_target_of_a_fallback_list() -> None:
+    raw = b'{"model": "gpt-4o", "messages": []}'
+    policy = payload.Policy(ThinkingPolicy(), ParamPolicy.parse({"second-model": {"drop": ["seed"]}}))
+    for choice, model in enumerate(["first-model", "second-model"]):
+        result = payload.rewrite(
+            raw[:-1] + b', "seed": 1}', JSON, "chat/completions", FALLBACK_MAP, policy, "POST", choice
+        )
+        assert json.loads(result.body)["model"] == model
+        assert ("seed" in json.loads(result.body)) is (choice == 0)
+        assert result.resolution is not None
+        assert [t.model for t in result.resolution.targets] == ["first-model", "second-model"]
+
+
+def test_params_apply_to_any_json_body_after_mapping_and_unchanged_keeps_the_bytes() -> None:
+    params = ParamPolicy.parse({"bge-m3": {"defaults": {"encoding_format": "float"}}})
+    result = rewrite(b'{"model": "text-embedding-3-small", "input": "x"}', "embeddings", params=params)
+    assert json.loads(result.body) == {"model": "bge-m3", "input": "x", "encoding_format": "float"}
+    raw = b'{"model": "bge-m3", "input": "x", "encoding_format": "float"}'
+    assert rewrite(raw, "embeddings", params=params).body is raw
