@@ -107,21 +107,21 @@ def _stop(process: subprocess.Popen[bytes], extra_pids: list[int], sig: int = si
         proc.kill(pid)
 
 
-class PyUpstream:
-    """bench/sse_upstream.py in its own process."""
+class PyServer:
+    """A bench module serving in its own process; it prints ``listening PORT`` when ready."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, module: str, *args: str) -> None:
         self.process = subprocess.Popen(
-            [PYTHON, "-m", "bench.sse_upstream", "--port", "0"],
+            [PYTHON, "-m", module, "--port", "0", *args],
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=open(workdir / "upstream.log", "wb"),  # noqa: SIM115 - lives as long as it
+            stderr=open(workdir / f"{module}.log", "wb"),  # noqa: SIM115 - lives as long as it
         )
         line = self.process.stdout.readline().decode()  # type: ignore[union-attr]
         if not line.startswith("listening "):
             _stop(self.process, [])
-            raise RuntimeError(f"the Python upstream did not start: {line!r}")
+            raise RuntimeError(f"{module} did not start: {line!r}")
         self.port = int(line.split()[1])
         self.pid = self.process.pid
 
@@ -639,6 +639,14 @@ def render(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
             target="non-streaming requests/s vs nginx",
         )
         row("  server CPU us/request", pick(ns, "server_cpu_us_per_request"), 1)
+        floor, ours = ns.get("floor"), ns.get("proxy")
+        if floor and ours:
+            rows.append(
+                f"  stack floor (bench/floor.py: bare Sanic + aiohttp): {_fmt(floor['rps'])} req/s, "
+                f"{_fmt(floor['server_cpu_us_per_request'], 1)} us CPU/request, p50 @1 conn "
+                f"{_fmt(floor['latency_p50_us'])} us, stream=true {_fmt(floor['stream_rps'])} req/s; "
+                f"proxy/floor requests/s {_fmt(_ratio(ours['rps'], floor['rps']), 2)}"
+            )
         row(
             "latency p50 @1 conn (us)",
             pick(ns, "latency_p50_us"),
@@ -853,7 +861,7 @@ def run(profile: Profile, parts: set[str], repeat: int, spy: Path | None = None)
     stream_body_file.write_bytes(payloads.chat_body(stream=True))
     stoppers: list[Any] = []
     try:
-        upstream = PyUpstream(workdir)
+        upstream = PyServer(workdir, "bench.sse_upstream")
         stoppers.append(upstream.stop)
         canned: nginx.Nginx | None = None
         ref: nginx.Nginx | None = None
@@ -889,8 +897,13 @@ def run(profile: Profile, parts: set[str], repeat: int, spy: Path | None = None)
             }
             if ref:
                 targets["nginx"] = (f"http://127.0.0.1:{ref_json_port}", ref.workers())
+            floor = PyServer(workdir, "bench.floor", "--upstream", f"http://127.0.0.1:{canned_port}")
+            stoppers.append(floor.stop)
+            targets["floor"] = (f"http://127.0.0.1:{floor.port}", [floor.pid])
             targets["proxy"] = (f"http://127.0.0.1:{proxy.port}", [proxy.worker])
             results["nonstream"] = bench_nonstream(profile, targets, body_file, stream_body_file, spy)
+            floor.stop()
+            stoppers.remove(floor.stop)
             results["nonstream"]["proxy"]["logged_statuses"] = proxy.log_summary()
             results["proxy_settings"] = {k: v for k, v in proxy.settings.items() if k != "MODEL_MAP"}
             proxy.stop()

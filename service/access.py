@@ -12,6 +12,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote
 
+from multidict import CIMultiDict
+
 from service.errors import ProxyError
 
 _CREDENTIAL_HEADERS = ("authorization", "api-key")
@@ -59,8 +61,9 @@ def check_key(keys: tuple[str, ...], headers: Iterable[tuple[str, str]]) -> None
         )
 
 
-def without_credentials(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    return [(name, value) for name, value in headers if name.lower() not in _CREDENTIAL_HEADERS]
+def drop_credentials(headers: CIMultiDict[str]) -> None:
+    for name in _CREDENTIAL_HEADERS:
+        headers.popall(name, None)
 
 
 def check_path(raw_path: str) -> None:

@@ -394,9 +394,9 @@ def _headers_up(request: Request, exchange: Exchange, backend: Backend, *, ident
     """The client's headers for the upstream; the backend's key (or UPSTREAM_API_KEY) replaces
     the client's credential."""
     key = backend.api_key or exchange.settings.upstream_api_key
-    items = request.headers.items()
-    headers = upstream.request_headers(access.without_credentials(items) if key else items)
+    headers = upstream.request_headers(request.headers)
     if key:
+        access.drop_credentials(headers)
         headers["authorization"] = f"Bearer {key}"
     headers["x-request-id"] = exchange.request_id
     if identity:

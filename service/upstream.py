@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import Iterable
+from functools import lru_cache
+from types import TracebackType
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError
@@ -63,11 +64,36 @@ def limits(settings: Settings, backend: Backend | None = None, *, whole: bool) -
     """Connect and between-bytes limits always (the backend's own, else the global ones); a
     total (REQUEST_TIMEOUT) only for answers read whole, since a total would cut long streams."""
     connect = backend.connect_timeout if backend is not None else None
-    return aiohttp.ClientTimeout(
-        total=settings.request_timeout if whole else None,
-        sock_connect=connect or settings.upstream_connect_timeout,
-        sock_read=settings.read_timeout(backend) if backend is not None else settings.upstream_read_timeout,
+    return _timeout(
+        settings.request_timeout if whole else None,
+        connect or settings.upstream_connect_timeout,
+        settings.read_timeout(backend) if backend is not None else settings.upstream_read_timeout,
     )
+
+
+@lru_cache(maxsize=64)
+def _timeout(total: float | None, connect: float, read: float) -> aiohttp.ClientTimeout:
+    """ClientTimeout is immutable, so requests with the same limits share one."""
+    return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
+
+
+def request_headers(headers: Iterable[tuple[str, str]] | CIMultiDict[str]) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, Host and Content-Length.
+
+    A value with a control character (tab aside) cannot be sent on: 400 rather than a failure
+    deeper down. Copied whole and then pruned: a multidict copy is one C call, a filtered rebuild
+    costs a Python step per header."""
+    kept: CIMultiDict[str] = CIMultiDict(headers)
+    if any(map(_CONTROL.search, kept.values())):
+        name = next(name for name, value in kept.items() if _CONTROL.search(value))
+        raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
+    named = kept.getall("connection", ())
+    for name in _NOT_FORWARDED_UP:
+        kept.popall(name, None)
+    for value in named:
+        for token in value.split(","):
+            kept.popall(token.strip(), None)
+    return kept
 
 
 def _dropped(headers: Iterable[tuple[str, str]], always: frozenset[str]) -> set[str]:
@@ -78,19 +104,6 @@ def _dropped(headers: Iterable[tuple[str, str]], always: frozenset[str]) -> set[
         for token in value.split(",")
     }
     return always | named
-
-
-def request_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, Host and Content-Length.
-
-    A value with a control character (tab aside) cannot be sent on: 400 rather than a failure
-    deeper down."""
-    items = list(headers)
-    if _CONTROL.search("\t".join(value for _, value in items)):  # one scan; tabs are allowed
-        name = next(name for name, value in items if _CONTROL.search(value))
-        raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
-    drop = _dropped(items, _NOT_FORWARDED_UP)
-    return CIMultiDict((name, value) for name, value in items if name.lower() not in drop)
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -111,29 +124,44 @@ def failure(exc: BaseException) -> UpstreamError:
     return UpstreamError(502, "the upstream sent an invalid response", "bad_response")
 
 
-@asynccontextmanager
-async def call(
-    session: aiohttp.ClientSession,
-    method: str,
-    url: str,
-    *,
-    data: bytes | None = None,
-    headers: CIMultiDict[str] | None = None,
-    limits: aiohttp.ClientTimeout,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """One upstream exchange; connection failures and timeouts become UpstreamError."""
-    try:
-        async with session.request(
+class call:
+    """One upstream exchange; connection failures and timeouts, on the way in or while the body
+    is read inside the block, become UpstreamError. A class rather than an
+    ``asynccontextmanager``: that generator machinery cost more than the rest of this module."""
+
+    __slots__ = ("_request",)
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        method: str,
+        url: str,
+        *,
+        data: bytes | None = None,
+        headers: CIMultiDict[str] | None = None,
+        limits: aiohttp.ClientTimeout,
+    ) -> None:
+        self._request = session.request(
             method,
             URL(url, encoded=True),
             data=data,
             headers=headers,
             allow_redirects=False,
             timeout=limits,
-        ) as response:
-            yield response
-    except FAILURES as exc:
-        raise failure(exc) from None
+        )
+
+    async def __aenter__(self) -> aiohttp.ClientResponse:
+        try:
+            return await self._request.__aenter__()
+        except FAILURES as exc:
+            raise failure(exc) from None
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._request.__aexit__(kind, exc, tb)
+        if isinstance(exc, FAILURES):
+            raise failure(exc) from None
 
 
 class BodyReader:
