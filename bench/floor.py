@@ -23,7 +23,10 @@ def create_app(upstream: str) -> Sanic:
 
     @app.before_server_start
     async def open_session(app: Sanic) -> None:
-        app.ctx.session = aiohttp.ClientSession(auto_decompress=False)
+        # no pool limit: the benchmark holds 1,000 streams open at once
+        app.ctx.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
+        )
 
     @app.post("/v1/chat/completions")
     async def forward(request: Request) -> HTTPResponse | None:

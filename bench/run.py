@@ -682,6 +682,16 @@ def render(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
             4,
             target="streaming CPU per event vs nginx (pass-through)",
         )
+        floor = st.get("floor")
+        if floor:
+            cpu = floor["server_cpu_s_per_1k_events"]
+            versus = _ratio(cpu, st.get("nginx", {}).get("server_cpu_s_per_1k_events"))
+            delay = floor["delay_us"]
+            rows.append(
+                f"  stack floor (bench/floor.py): relay CPU {_fmt(cpu, 4)} s / 1k events "
+                f"({_fmt(versus, 2)}x nginx), delay p50 {_fmt(delay['p50'] / 1000, 2)} ms, "
+                f"p99 {_fmt(delay['p99'] / 1000, 2)} ms"
+            )
         strip = st.get("proxy_strip")
         if strip:
             nginx_row = st.get("nginx", {})
@@ -719,6 +729,10 @@ def render(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
             1,
             target="RSS per open idle stream",
         )
+        if mem.get("floor", {}).get("kib_per_stream") is not None:
+            rows.append(
+                f"  stack floor (bench/floor.py): {_fmt(mem['floor']['kib_per_stream'], 1)} KiB per stream"
+            )
         row(
             "  RSS before (MiB)",
             (
@@ -913,8 +927,14 @@ def run(profile: Profile, parts: set[str], repeat: int, spy: Path | None = None)
             proxy = Proxy(workdir, "proxy-stream", upstream.port, **extra)
             stoppers.append(proxy.stop)
             ref_url = f"http://127.0.0.1:{ref_stream_port}"
+            floor = PyServer(workdir, "bench.floor", "--upstream", f"http://127.0.0.1:{upstream.port}")
+            stoppers.append(floor.stop)
+            floor_url = f"http://127.0.0.1:{floor.port}"
             if "memory" in parts:  # first, while the proxy is fresh: its heap has not grown yet
-                results["memory"] = {"proxy": bench_memory(profile, "proxy", proxy.url, [proxy.worker])}
+                results["memory"] = {
+                    "proxy": bench_memory(profile, "proxy", proxy.url, [proxy.worker]),
+                    "floor": bench_memory(profile, "floor", floor_url, [floor.pid]),
+                }
                 if ref:
                     results["memory"]["nginx"] = bench_memory(profile, "nginx", ref_url, ref.workers())
             if "stream" in parts:
@@ -926,6 +946,7 @@ def run(profile: Profile, parts: set[str], repeat: int, spy: Path | None = None)
                 if ref:
                     subjects.append(("nginx", ref_url, ref.workers(), False))
                 subjects += [
+                    ("floor", floor_url, [floor.pid], False),
                     ("proxy", proxy.url, [proxy.worker], False),
                     ("proxy_strip", strip.url, [strip.worker], True),
                 ]
