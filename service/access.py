@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from urllib.parse import unquote
 
-from multidict import CIMultiDict
-
 from service.errors import ProxyError
 
-_CREDENTIAL_HEADERS = ("authorization", "api-key")
+# Replaced, not forwarded, when the proxy sends its own key upstream.
+CREDENTIAL_HEADERS = ("authorization", "api-key")
 
 
 def parse_keys(value: str) -> tuple[str, ...]:
@@ -59,11 +58,6 @@ def check_key(keys: tuple[str, ...], headers: Iterable[tuple[str, str]]) -> None
             "invalid_api_key",
             {"WWW-Authenticate": 'Bearer realm="openai-model-rerouter"'},
         )
-
-
-def drop_credentials(headers: CIMultiDict[str]) -> None:
-    for name in _CREDENTIAL_HEADERS:
-        headers.popall(name, None)
 
 
 def check_path(raw_path: str) -> None:

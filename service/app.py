@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -35,8 +34,6 @@ log = structlog.get_logger("rerouter")
 
 # Failures worth another try (RETRIES, fallback targets) besides a 5xx or 429 answer.
 RETRYABLE = frozenset({"connect", "timeout", "disconnected"})
-BACKOFF_BASE = 0.25
-BACKOFF_CAP = 4.0
 READY_CACHE_SECONDS = 5.0
 READY_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -72,7 +69,7 @@ def endpoint_of(path: str) -> str:
     return head if head in _ENDPOINTS else "other"
 
 
-@dataclass
+@dataclass(slots=True)
 class Exchange:
     """What one request did, gathered on the way for its log event and metrics."""
 
@@ -341,13 +338,8 @@ async def _dispatch(
             exchange.status, exchange.upstream_error = 0, None
             if following == target:
                 retry += 1
-                await asyncio.sleep(_backoff(retry))
+                await asyncio.sleep(backends.backoff(retry))
     raise AssertionError("the last attempt neither answers nor raises")  # pragma: no cover
-
-
-def _backoff(retry: int) -> float:
-    """Exponential with jitter, so clients retrying together do not hit a replica in step."""
-    return random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retry - 1))
 
 
 async def _attempt(
@@ -367,22 +359,23 @@ async def _attempt(
         think = settings.thinking.output_for(target.model)
     source = exchange.resolution.source if exchange.resolution else None
     rename = source if settings.response_model == "requested" and source != target.model else None
-    failed = False  # by the replica's own doing: a client leaving or a bad request is not
+    healthy: bool | None = None  # unknown: the client left, or its request was refused here
     replicas.start(url)
     try:
         response = await _relay(request, exchange, backend, url, body, think, rename, last=last)
         failed = exchange.status >= 500 or exchange.status == 429 or exchange.outcome == "upstream_error"
+        healthy = not failed
         return response
     except _TryNext:
-        failed = True
+        healthy = False
         raise
     except upstream.UpstreamError as exc:
-        failed = True
+        healthy = False
         if not last and exc.reason in RETRYABLE:
             raise _TryNext(exc.reason) from None
         raise
     finally:
-        replicas.done(url, not failed)
+        replicas.done(url, healthy)
 
 
 def _upstream_url(request: Request, base: str, path: str | None = None) -> str:
@@ -394,9 +387,8 @@ def _headers_up(request: Request, exchange: Exchange, backend: Backend, *, ident
     """The client's headers for the upstream; the backend's key (or UPSTREAM_API_KEY) replaces
     the client's credential."""
     key = backend.api_key or exchange.settings.upstream_api_key
-    headers = upstream.request_headers(request.headers)
+    headers = upstream.request_headers(request.headers, without=access.CREDENTIAL_HEADERS if key else ())
     if key:
-        access.drop_credentials(headers)
         headers["authorization"] = f"Bearer {key}"
     headers["x-request-id"] = exchange.request_id
     if identity:
@@ -439,6 +431,11 @@ async def _relay(
         headers = upstream.response_headers(answer.headers.items())
         event_stream = answer.content_type == "text/event-stream"
         transform = answer.status == 200 and (think != "keep" or rename is not None)
+        encoding = answer.headers.get("content-encoding", "identity").lower()
+        if transform and encoding not in ("", "identity"):
+            # Asked for identity, got it compressed anyway: relayed as it came, not rewritten.
+            log.warning("answer left as sent: the upstream compressed it", encoding=encoding)
+            transform = False
         chat = exchange.endpoint == "chat/completions"
         json_answer = answer.content_type == "application/json"
         gap = settings.read_timeout(backend)
@@ -547,7 +544,7 @@ async def _list_models(request: Request, exchange: Exchange) -> HTTPResponse:
     )
     listing: dict[str, Any] | None = None
     entries: list[Any] = []
-    present: set[Any] = set()
+    present: set[str] = set()
     answered: list[str] = []
     for name, result in zip(names, results, strict=True):
         if isinstance(result, dict):
@@ -555,12 +552,14 @@ async def _list_models(request: Request, exchange: Exchange) -> HTTPResponse:
             answered.append(name)
             for entry in result["data"]:
                 key = entry.get("id") if isinstance(entry, dict) else None
-                if key is None or key not in present:
+                if isinstance(key, str):
+                    if key in present:
+                        continue
                     present.add(key)
-                    entries.append(entry)
+                entries.append(entry)
             continue
-        if isinstance(result, BaseException) and not isinstance(result, ProxyError):
-            raise result
+        if isinstance(result, BaseException) and not isinstance(result, upstream.UpstreamError):
+            raise result  # the client's own fault (a bad header) or a bug: not the backend's
         reason = (
             result.reason if isinstance(result, upstream.UpstreamError) else f"http_{result.status // 100}xx"
         )
@@ -641,7 +640,7 @@ async def _listing_from(
     settings = exchange.settings
     backend = settings.backends[name]
     replicas = exchange.replicas[name]
-    healthy = False
+    healthy: bool | None = None
     replicas.start(url)
     try:
         async with upstream.call(
@@ -654,6 +653,9 @@ async def _listing_from(
             body = await answer.read()
         healthy = answer.status < 500
         return answer.status, upstream.response_headers(answer.headers.items()), body
+    except upstream.UpstreamError:
+        healthy = False
+        raise
     finally:
         replicas.done(url, healthy)
 

@@ -8,6 +8,7 @@ only touched from the worker's event loop, so it needs no lock.
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -20,6 +21,8 @@ _NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _OBJECT_KEYS = frozenset({"urls", "api_key", "connect_timeout", "read_timeout"})
 _NOT_COOLING = -math.inf
+BACKOFF_BASE = 0.25
+BACKOFF_CAP = 4.0
 
 
 def parse_upstream_url(value: str) -> str:
@@ -137,6 +140,12 @@ def _timeout(key: str, value: object) -> float | None:
     return float(value)
 
 
+def backoff(retry: int) -> float:
+    """Seconds before the n-th retry: exponential with jitter, so clients retrying together do
+    not hit a replica in step."""
+    return random.uniform(0.5, 1.0) * min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (retry - 1))
+
+
 class Replicas:
     """Which URL of one backend the next request should use, per worker.
 
@@ -207,14 +216,17 @@ class Replicas:
         """Call once a request is sent to ``url``; pair with ``done`` in a ``finally``."""
         self._in_flight[self._index[url]] += 1
 
-    def done(self, url: str, ok: bool) -> None:
+    def done(self, url: str, ok: bool | None) -> None:
         """``ok`` False means the replica itself let the request down (no connection, timed out,
-        broke off), not that the client asked for something it refused."""
+        broke off, 5xx, 429) and starts its cool-down; True, that it answered, which ends one.
+        None leaves the cool-down alone: the client left, or its request was refused before or
+        without the replica having a say."""
         index = self._index[url]
         # An unpaired done is a caller bug; a negative count would skew every later pick.
         if self._in_flight[index] > 0:
             self._in_flight[index] -= 1
-        self._cool_until[index] = _NOT_COOLING if ok else self._clock() + self._cooldown
+        if ok is not None:
+            self._cool_until[index] = _NOT_COOLING if ok else self._clock() + self._cooldown
 
     @property
     def cooldown(self) -> float:

@@ -21,7 +21,7 @@ import yaml
 
 from service import __version__
 from service.access import parse_keys, read_keys_file
-from service.backends import Backend, parse_upstream_url, parse_upstreams, with_default
+from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
 from service.mapping import MappingError, ModelMap, is_regex_key
 from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
@@ -68,10 +68,19 @@ class Settings:
 
     @property
     def response_timeout(self) -> int:
-        """Sanic's RESPONSE_TIMEOUT also counts gaps inside a stream: above every upstream limit,
-        so it never fires first."""
-        longest = max(self.request_timeout, self.upstream_connect_timeout + self.upstream_read_timeout)
-        return int(longest) + 60
+        """Sanic's RESPONSE_TIMEOUT runs until the first byte of the answer and also counts gaps
+        inside a stream: above the longest a request may take, every attempt of the longest
+        fallback list at its backend's limits plus the waits between retries, so it never
+        fires first."""
+        per_attempt = max(
+            max(
+                self.request_timeout,
+                (backend.connect_timeout or self.upstream_connect_timeout) + self.read_timeout(backend),
+            )
+            for backend in self.backends.values()
+        )
+        attempts = self.model_map.most_targets() * (self.retries + 1)
+        return int(attempts * per_attempt + attempts * BACKOFF_CAP) + 60
 
     @property
     def api_keys(self) -> tuple[str, ...]:
@@ -95,11 +104,16 @@ class Settings:
         return backend.read_timeout or self.upstream_read_timeout
 
 
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity are not JSON: they would reach the upstream as null."""
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def _json_object(parse: Callable[[object], Any], error: type[ValueError]) -> Callable[[str], Any]:
     def parse_text(value: str) -> Any:
         try:
-            raw = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
+            raw = json.loads(value, parse_constant=_no_constant) if value.strip() else {}
+        except ValueError as exc:
             raise ValueError(f"invalid JSON: {exc}") from None
         try:
             return parse(raw)

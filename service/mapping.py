@@ -99,6 +99,12 @@ class ModelMap:
         """Exact source ids: the ones /v1/models can advertise."""
         return list(self.exact)
 
+    def most_targets(self) -> int:
+        """The longest fallback list: how many targets one request may try."""
+        lengths = [len(targets) for targets in self.exact.values()]
+        lengths += [len(rule.targets) for rule in self.regexes]
+        return max(lengths, default=1)
+
     def known_ids(self) -> set[str]:
         """Ids the operator wrote down; metrics always give these their own label."""
         targets = {

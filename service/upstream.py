@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from functools import lru_cache
 from types import TracebackType
 
@@ -77,13 +77,17 @@ def _timeout(total: float | None, connect: float, read: float) -> aiohttp.Client
     return aiohttp.ClientTimeout(total=total, sock_connect=connect, sock_read=read)
 
 
-def request_headers(headers: Iterable[tuple[str, str]] | CIMultiDict[str]) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop ones, Host and Content-Length.
+def request_headers(
+    headers: Iterable[tuple[str, str]] | CIMultiDict[str], *, without: Collection[str] = ()
+) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop ones, Host, Content-Length and ``without``.
 
     A value with a control character (tab aside) cannot be sent on: 400 rather than a failure
-    deeper down. Copied whole and then pruned: a multidict copy is one C call, a filtered rebuild
-    costs a Python step per header."""
+    deeper down (a header in ``without`` is not sent, so not checked). Copied whole and then
+    pruned: a multidict copy is one C call, a filtered rebuild costs a Python step per header."""
     kept: CIMultiDict[str] = CIMultiDict(headers)
+    for name in without:
+        kept.popall(name, None)
     if any(map(_CONTROL.search, kept.values())):
         name = next(name for name, value in kept.items() if _CONTROL.search(value))
         raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
@@ -172,6 +176,8 @@ class BodyReader:
     a stream makes thousands of reads, and each timer costs a heap push and a cancel. Use it as a
     context manager in the task that reads.
     """
+
+    __slots__ = ("_content", "_expired", "_gap", "_loop", "_reading_since", "_task", "_timer")
 
     def __init__(self, answer: aiohttp.ClientResponse, gap: float) -> None:
         self._content = answer.content

@@ -14,12 +14,10 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from multidict import CIMultiDict
 
 from service.access import (
     check_key,
     check_path,
-    drop_credentials,
     parse_keys,
     presented_key,
     read_keys_file,
@@ -178,29 +176,6 @@ def test_property_each_of_many_keys_passes_and_any_other_string_is_refused(
     for near in (key[:-1], key[1:], key + "x", "x" + key):
         if near and near not in configured:
             assert refused(configured, bearer(near)).status == 401
-
-
-# --- drop_credentials ---------------------------------------------------------------------------
-
-
-def test_drop_credentials_drops_authorization_and_api_key_in_any_case_and_keeps_the_rest() -> None:
-    headers = CIMultiDict(
-        [
-            ("Authorization", "Bearer a"),
-            ("AUTHORIZATION", "Bearer b"),
-            ("api-key", "c"),
-            ("Api-Key", "d"),
-            ("Content-Type", "application/json"),
-            ("X-Request-Id", "r"),
-            ("OpenAI-Organization", "org"),
-        ]
-    )
-    drop_credentials(headers)
-    assert list(headers.items()) == [
-        ("Content-Type", "application/json"),
-        ("X-Request-Id", "r"),
-        ("OpenAI-Organization", "org"),
-    ]
 
 
 # --- check_path ------------------------------------------------------------------------------------

@@ -295,3 +295,19 @@ def test_picks_respect_exclude_health_and_load(size: int, program: list[tuple[ob
                 assert picked in healthy
                 assert replicas.in_flight(picked) == min(replicas.in_flight(url) for url in healthy)
         assert all(replicas.in_flight(url) >= 0 for url in urls)
+
+
+def test_done_without_a_verdict_keeps_the_cool_down_as_it_was() -> None:
+    """A client that left, or a request refused before the replica had a say, neither starts
+    nor ends a cool-down."""
+    clock = FakeClock()
+    replicas = Replicas(["http://a", "http://b"], cooldown=10, clock=clock)
+    replicas.start("http://a")
+    replicas.done("http://a", False)
+    replicas.start("http://a")
+    replicas.done("http://a", None)
+    assert replicas.cooling("http://a")
+    assert replicas.in_flight("http://a") == 0
+    replicas.start("http://b")
+    replicas.done("http://b", None)
+    assert not replicas.cooling("http://b")

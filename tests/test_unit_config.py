@@ -641,3 +641,16 @@ def test_routing_defaults() -> None:
     assert (loaded.retries, loaded.response_model, loaded.upstream_cooldown) == (0, "upstream", 10.0)
     assert not loaded.model_params
     assert list(loaded.backends) == ["default"]
+
+
+def test_sanics_response_timeout_covers_every_attempt_of_the_longest_fallback_list() -> None:
+    loaded = load_settings(
+        {
+            **BASE,
+            "UPSTREAMS": '{"slow": {"urls": ["http://a:1"], "connect_timeout": 5, "read_timeout": 1800}}',
+            "MODEL_MAP": '{"m": ["a", {"model": "b", "upstream": "slow"}, "c"]}',
+            "RETRIES": "1",
+        }
+    )
+    slowest_attempt = 5 + 1800
+    assert loaded.response_timeout > 3 * 2 * slowest_attempt + 5 * 4.0

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 
 from service import upstream
+from service.access import CREDENTIAL_HEADERS
 from service.config import Settings
 from service.errors import ProxyError
 from service.upstream import UpstreamError, failure, request_headers, response_headers
@@ -54,6 +55,22 @@ def test_request_headers_drop_what_connection_names_case_insensitively() -> None
         ("X-Stays", "d"),
     ]
     assert list(request_headers(given).items()) == [("X-Stays", "d")]
+
+
+def test_request_headers_without_credentials_drops_them_in_any_case_before_the_control_check() -> None:
+    given = [
+        ("Authorization", "Bearer a\x01"),
+        ("AUTHORIZATION", "Bearer b"),
+        ("api-key", "c"),
+        ("Api-Key", "d"),
+        ("Content-Type", "application/json"),
+        ("X-Request-Id", "r"),
+    ]
+    kept = request_headers(given, without=CREDENTIAL_HEADERS)
+    assert list(kept.items()) == [("Content-Type", "application/json"), ("X-Request-Id", "r")]
+    with pytest.raises(ProxyError) as raised:
+        request_headers(given)
+    assert raised.value.status == 400
 
 
 def test_request_headers_keep_repeated_headers_in_order() -> None:
