@@ -177,13 +177,27 @@ class ThinkStream:
         self._parser = SSEParser()
         self._filters: dict[int, ThinkFilter] = {}
         self._envelope: dict[str, Any] = {}
+        self._cr_dropped = False
         self.stripped = 0
 
     def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._relay(event) for event in self._parser.feed(chunk))
+        return b"".join(self._emit(event) for event in self._parser.feed(chunk))
 
     def close(self) -> bytes:
-        return b"".join(self._relay(event) for event in self._parser.close()) + self._flush()
+        tail = b"".join(self._emit(event) for event in self._parser.close()) + self._flush()
+        self._cr_dropped = False
+        return tail
+
+    def _emit(self, event: SSEEvent) -> bytes:
+        """An event ending in CR whose LF comes in the next chunk is handed over before that LF,
+        which the parser then passes on alone; if the event went out re-encoded (LF-ended) or
+        not at all, that LF would add a blank line."""
+        if self._cr_dropped and event.raw == b"\n":
+            self._cr_dropped = False
+            return b""
+        out = self._relay(event)
+        self._cr_dropped = event.raw.endswith(b"\r") and not out.endswith(b"\r")
+        return out
 
     def _relay(self, event: SSEEvent) -> bytes:
         if event.data is None:

@@ -383,3 +383,17 @@ def test_stream_output_is_sse_with_the_split_of_any_chunked_answer(
         assert texts(output, "reasoning_content", index) == (reasoning or "" if mode == "reasoning" else "")
         finishes = [c["finish_reason"] for p in received[:-1] for c in p["choices"] if c["index"] == index]
         assert [f for f in finishes if f is not None] == ["stop"]
+
+
+def test_a_crlf_stream_cut_between_cr_and_lf_gives_the_same_bytes_at_every_cut() -> None:
+    """The parser hands over the LF of a CRLF that ended the previous chunk on its own; after an
+    event that went out re-encoded or dropped, relaying it would add a blank line."""
+    events = [chat_chunk("<think>\n\n</think>\n\n"), chat_chunk("Hello"), chat_chunk(finish="stop"), DONE]
+    stream = b"".join(event.replace(b"\n", b"\r\n") for event in events)
+    whole = ThinkStream("strip", chat=True)
+    expected = whole.feed(stream) + whole.close()
+    assert b"\n\n\n" not in expected.replace(b"\r", b"")
+    assert texts(expected, "content") == "Hello"
+    for cut in range(1, len(stream)):
+        split = ThinkStream("strip", chat=True)
+        assert split.feed(stream[:cut]) + split.feed(stream[cut:]) + split.close() == expected, cut
