@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from service.sse import SSEEvent, SSEParser, encode_data
+from service.sse import EventFilter, SSEEvent, encode_data
 
 MODES = ("strip", "reasoning")
 OPEN = "<think>"
@@ -162,7 +162,7 @@ def _says_nothing(choice: Any) -> bool:
     return isinstance(choice, dict) and all(_blank(value) for key, value in choice.items() if key != "index")
 
 
-class ThinkStream:
+class ThinkStream(EventFilter):
     """A streamed chat or completions response, SSE bytes in and out, one filter per choice index.
 
     Events it leaves alone go out as the exact bytes that came in; changed ones are re-encoded,
@@ -172,32 +172,15 @@ class ThinkStream:
 
     def __init__(self, mode: str, chat: bool) -> None:
         _check_mode(mode)
+        super().__init__()
         self._keep_reasoning = mode == "reasoning"
         self._chat = chat
-        self._parser = SSEParser()
         self._filters: dict[int, ThinkFilter] = {}
         self._envelope: dict[str, Any] = {}
-        self._cr_dropped = False
         self.stripped = 0
 
-    def feed(self, chunk: bytes) -> bytes:
-        return b"".join(self._emit(event) for event in self._parser.feed(chunk))
-
     def close(self) -> bytes:
-        tail = b"".join(self._emit(event) for event in self._parser.close()) + self._flush()
-        self._cr_dropped = False
-        return tail
-
-    def _emit(self, event: SSEEvent) -> bytes:
-        """An event ending in CR whose LF comes in the next chunk is handed over before that LF,
-        which the parser then passes on alone; if the event went out re-encoded (LF-ended) or
-        not at all, that LF would add a blank line."""
-        if self._cr_dropped and event.raw == b"\n":
-            self._cr_dropped = False
-            return b""
-        out = self._relay(event)
-        self._cr_dropped = event.raw.endswith(b"\r") and not out.endswith(b"\r")
-        return out
+        return super().close() + self._flush()
 
     def _relay(self, event: SSEEvent) -> bytes:
         if event.data is None:

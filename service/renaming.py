@@ -17,10 +17,9 @@ from typing import Any
 
 from service import payload
 from service.errors import ProxyError
-from service.sse import SSEEvent, SSEParser
+from service.sse import BOM, EventFilter, SSEEvent
 
 _MODEL_KEY = b'"model"'
-_BOM = b"\xef\xbb\xbf"  # as sse.SSEParser, a byte order mark is skipped on the stream's first line
 
 
 def _rename(body: Any, requested: str) -> bool:
@@ -69,7 +68,7 @@ def _with_data(raw: bytes, data: bytes) -> bytes:
     return b"".join(line + b"\n" for line in lines)
 
 
-class RenameStream:
+class RenameStream(EventFilter):
     """A streamed answer, SSE bytes in and out, each event's model set to ``requested``.
 
     Events it leaves alone go out as the exact bytes that came in, so any chunking of the input
@@ -77,35 +76,22 @@ class RenameStream:
     """
 
     def __init__(self, requested: str) -> None:
+        super().__init__()
         self._requested = requested
-        self._parser = SSEParser()
         self._first = True
-        self._after_cr = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        """What the events this chunk completes become; an unfinished event waits for more."""
-        return b"".join(self._relay(event) for event in self._parser.feed(chunk))
 
     def close(self) -> bytes:
-        """The rest of the stream; the transformer starts over, as its parser does."""
-        out = b"".join(self._relay(event) for event in self._parser.close())
+        tail = super().close()
         self._first = True
-        self._after_cr = False
-        return out
+        return tail
 
     def _relay(self, event: SSEEvent) -> bytes:
         first, self._first = self._first, False
-        after_cr, self._after_cr = self._after_cr, False
-        if after_cr and event.raw == b"\n":
-            # The LF of a CRLF whose CR ended the last (re-encoded, LF-ended) event: the parser
-            # hands it over alone when a chunk starts with it; relaying it would add a blank line.
-            return b""
         if event.data is None:
             return event.raw
         renamed = _renamed(event.data.encode(), self._requested) if _MODEL_KEY in event.raw else None
         if renamed is None:
             return event.raw
-        self._after_cr = event.raw.endswith(b"\r")
-        if first and event.raw.startswith(_BOM):
-            return _BOM + _with_data(event.raw[len(_BOM) :], renamed)
+        if first and event.raw.startswith(BOM):
+            return BOM + _with_data(event.raw[len(BOM) :], renamed)
         return _with_data(event.raw, renamed)

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"  # skipped on the stream's first line
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +80,7 @@ class SSEParser:
     def _take_line(self, line: bytes) -> SSEEvent | None:
         if self._first_line:
             self._first_line = False
-            line = line.removeprefix(_BOM)
+            line = line.removeprefix(BOM)
         if not line:
             return self._dispatch()
         if line.startswith(b":"):
@@ -96,6 +96,41 @@ class SSEParser:
         self._raw.clear()
         self._data = []
         return event
+
+
+class EventFilter:
+    """A stream rewriter, SSE bytes in and out, one event at a time through ``_relay``.
+
+    An event ending in CR is handed over before the LF of its CRLF arrives, and the parser then
+    passes that LF on alone so an event relayed as it came keeps its exact bytes. When the event
+    went out rewritten (LF-ended) or not at all, that LF is dropped here: relayed, it would end
+    an empty event of its own.
+    """
+
+    def __init__(self) -> None:
+        self._parser = SSEParser()
+        self._orphan_lf = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        """What the events this chunk completes become; an unfinished event waits for more."""
+        return b"".join(self._emit(event) for event in self._parser.feed(chunk))
+
+    def close(self) -> bytes:
+        """The rest of the stream; the filter starts over, as its parser does."""
+        tail = b"".join(self._emit(event) for event in self._parser.close())
+        self._orphan_lf = False
+        return tail
+
+    def _emit(self, event: SSEEvent) -> bytes:
+        if self._orphan_lf and event.raw == b"\n":
+            self._orphan_lf = False
+            return b""
+        out = self._relay(event)
+        self._orphan_lf = event.raw.endswith(b"\r") and not out.endswith(b"\r")
+        return out
+
+    def _relay(self, event: SSEEvent) -> bytes:
+        raise NotImplementedError
 
 
 def encode_data(data: bytes | str) -> bytes:
