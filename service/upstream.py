@@ -91,30 +91,23 @@ def request_headers(
     if any(map(_CONTROL.search, kept.values())):
         name = next(name for name, value in kept.items() if _CONTROL.search(value))
         raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
-    named = kept.getall("connection", ())
-    for name in _NOT_FORWARDED_UP:
-        kept.popall(name, None)
-    for value in named:
-        for token in value.split(","):
-            kept.popall(token.strip(), None)
-    return kept
-
-
-def _dropped(headers: Iterable[tuple[str, str]], always: frozenset[str]) -> set[str]:
-    named = {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    return always | named
+    return _without_hop_by_hop(kept, _NOT_FORWARDED_UP)
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's headers minus hop-by-hop ones and Content-Length (Sanic sets its own)."""
-    items = list(headers)
-    drop = _dropped(items, _NOT_RELAYED_DOWN)
-    return [(name, value) for name, value in items if name.lower() not in drop]
+    return list(_without_hop_by_hop(CIMultiDict(headers), _NOT_RELAYED_DOWN).items())
+
+
+def _without_hop_by_hop(headers: CIMultiDict[str], always: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` pruned in place of ``always`` and of every header its Connection names."""
+    named = headers.getall("connection", ())
+    for name in always:
+        headers.popall(name, None)
+    for value in named:
+        for token in value.split(","):
+            headers.popall(token.strip(), None)
+    return headers
 
 
 def failure(exc: BaseException) -> UpstreamError:
