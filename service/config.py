@@ -75,7 +75,7 @@ class Settings:
         per_attempt = max(
             max(
                 self.request_timeout,
-                (backend.connect_timeout or self.upstream_connect_timeout) + self.read_timeout(backend),
+                self.connect_timeout(backend) + self.read_timeout(backend),
             )
             for backend in self.backends.values()
         )
@@ -100,8 +100,13 @@ class Settings:
         """Every backend by name, ``default`` (UPSTREAM_URL, or UPSTREAMS' own) first."""
         return with_default(self.upstreams, self.upstream_url)
 
-    def read_timeout(self, backend: Backend) -> float:
-        return backend.read_timeout or self.upstream_read_timeout
+    def connect_timeout(self, backend: Backend | None) -> float:
+        """The backend's own limit, else UPSTREAM_CONNECT_TIMEOUT."""
+        return (backend and backend.connect_timeout) or self.upstream_connect_timeout
+
+    def read_timeout(self, backend: Backend | None) -> float:
+        """The backend's own limit, else UPSTREAM_READ_TIMEOUT."""
+        return (backend and backend.read_timeout) or self.upstream_read_timeout
 
 
 def _no_constant(name: str) -> Any:

@@ -63,11 +63,10 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
 def limits(settings: Settings, backend: Backend | None = None, *, whole: bool) -> aiohttp.ClientTimeout:
     """Connect and between-bytes limits always (the backend's own, else the global ones); a
     total (REQUEST_TIMEOUT) only for answers read whole, since a total would cut long streams."""
-    connect = backend.connect_timeout if backend is not None else None
     return _timeout(
         settings.request_timeout if whole else None,
-        connect or settings.upstream_connect_timeout,
-        settings.read_timeout(backend) if backend is not None else settings.upstream_read_timeout,
+        settings.connect_timeout(backend),
+        settings.read_timeout(backend),
     )
 
 
