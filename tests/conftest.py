@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import posixpath
 import signal
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import httpx
 import orjson
@@ -44,6 +46,17 @@ def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05)
             if time.monotonic() > deadline:
                 raise
             time.sleep(interval)
+
+
+def lands_under_v1(raw_path: str) -> bool:
+    """Where a path leads at an upstream that decodes it 0, 1 or 2 times before normalising."""
+    path = raw_path.split("?", 1)[0]
+    for _ in range(3):
+        resolved = posixpath.normpath(path)
+        if not (resolved == "/v1" or resolved.startswith("/v1/")):
+            return False
+        path = unquote(path)
+    return True
 
 
 def free_port() -> int:

@@ -10,21 +10,20 @@ Requests that a client library would normalise go over raw sockets.
 
 from __future__ import annotations
 
-import posixpath
 import socket
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 import orjson
 import pytest
 
-from tests.conftest import Proxy, StartProxy
+from tests.conftest import Proxy, StartProxy, lands_under_v1
 from tests.fake_upstream import FakeUpstream, Seen
 
 ENV_KEYS = ("sk-env-alpha-4711c0ffee", "sk-env-beta-0815c0ffee")
@@ -409,17 +408,6 @@ def send_raw(proxy: Proxy, head: bytes, body: bytes = b"") -> tuple[int | None, 
         return None, b""
     status_line, _, rest = data.partition(b"\r\n")
     return int(status_line.split()[1]), rest.partition(b"\r\n\r\n")[2]
-
-
-def lands_under_v1(raw_path: str) -> bool:
-    """Where a path leads at an upstream that decodes it 0, 1 or 2 times before normalising."""
-    path = raw_path.split("?", 1)[0]
-    for _ in range(3):
-        resolved = posixpath.normpath(path)
-        if not (resolved == "/v1" or resolved.startswith("/v1/")):
-            return False
-        path = unquote(path)
-    return True
 
 
 def test_lands_under_v1_sees_through_encodings() -> None:
