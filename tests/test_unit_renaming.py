@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.app import StreamFilter
+from service.relay import StreamFilter
 from service.reasoning import ThinkStream
 from service.renaming import RenameStream, rename_json
 from service.sse import SSEParser, encode_data

@@ -1,0 +1,97 @@
+"""Fallbacks and retries: which target and replica each attempt goes to, and when to move on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from sanic import Request
+from sanic.response import HTTPResponse
+
+from service import backends, metrics, payload, upstream
+from service.exchange import Exchange
+from service.mapping import Target
+from service.relay import TryNext, relay
+
+log = structlog.get_logger("rerouter")
+
+# Failures worth another try (RETRIES, fallback targets) besides a 5xx or 429 answer.
+RETRYABLE = frozenset({"connect", "timeout", "disconnected"})
+
+
+async def dispatch(
+    request: Request, exchange: Exchange, body: bytes, body_for: Callable[[int], bytes]
+) -> HTTPResponse | None:
+    """Try the resolution's targets in order, each up to 1 + RETRIES times, moving on only while
+    nothing has reached the client: after the first byte an answer is the client's, good or bad."""
+    settings = exchange.settings
+    targets = exchange.resolution.targets if exchange.resolution else (Target(""),)
+    plan = [(choice, target) for choice, target in enumerate(targets) for _ in range(settings.retries + 1)]
+    tried: set[str] = set()
+    retry = 0
+    for number, (choice, target) in enumerate(plan):
+        if number and choice != plan[number - 1][0]:
+            body, retry = body_for(choice), 0
+        try:
+            return await _attempt(request, exchange, target, body, tried, last=number == len(plan) - 1)
+        except TryNext as failed:
+            following = plan[number + 1][1]
+            labels = request.app.ctx.labels
+            metrics.child(metrics.UPSTREAM_ERRORS, labels(target.model or None), failed.reason).inc()
+            metrics.child(
+                metrics.FALLBACKS,
+                labels(exchange.resolution.source if exchange.resolution else None),
+                labels(target.model or None),
+                labels(following.model or None),
+                failed.reason,
+            ).inc()
+            log.warning(
+                "upstream attempt failed, trying again" if following == target else "falling back",
+                from_target=target.model,
+                from_upstream=target.upstream,
+                to_target=following.model,
+                to_upstream=following.upstream,
+                reason=failed.reason,
+            )
+            exchange.status, exchange.upstream_error = 0, None
+            if following == target:
+                retry += 1
+                await asyncio.sleep(backends.backoff(retry))
+    raise AssertionError("the last attempt neither answers nor raises")  # pragma: no cover
+
+
+async def _attempt(
+    request: Request, exchange: Exchange, target: Target, body: bytes, tried: set[str], *, last: bool
+) -> HTTPResponse | None:
+    """One try on one replica of the target's backend; its in-flight count covers the whole
+    answer, streams included, and a failure of the replica itself starts its cool-down."""
+    settings = exchange.settings
+    backend = settings.backends[target.upstream]
+    replicas = exchange.replicas[target.upstream]
+    url = replicas.pick(tried) or replicas.pick()
+    assert url is not None  # pick() without exclusions always has a URL
+    tried.add(url)
+    exchange.target, exchange.backend = target, backend.name
+    think = "keep"
+    if request.method == "POST" and exchange.endpoint in payload.COMPLETION_ENDPOINTS:
+        think = settings.thinking.output_for(target.model)
+    source = exchange.resolution.source if exchange.resolution else None
+    rename = source if settings.response_model == "requested" and source != target.model else None
+    healthy: bool | None = None  # unknown: the client left, or its request was refused here
+    replicas.start(url)
+    try:
+        response = await relay(request, exchange, backend, url, body, think, rename, last=last)
+        failed = exchange.status >= 500 or exchange.status == 429 or exchange.outcome == "upstream_error"
+        healthy = not failed
+        return response
+    except TryNext:
+        healthy = False
+        raise
+    except upstream.UpstreamError as exc:
+        healthy = False
+        if not last and exc.reason in RETRYABLE:
+            raise TryNext(exc.reason) from None
+        raise
+    finally:
+        replicas.done(url, healthy)

@@ -1,0 +1,133 @@
+"""The record of one request: what it asked for, where it went, how it ended.
+
+Gathered on the way through the request path and written once, after the answer, as one log
+event and one set of metric samples (``Exchange.finish``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from urllib.parse import quote
+
+import structlog
+from sanic import Request
+
+from service import metrics
+from service.backends import DEFAULT_BACKEND, Replicas
+from service.config import Settings
+from service.mapping import Resolution, Target
+
+log = structlog.get_logger("rerouter")
+
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+_ENDPOINTS = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "responses",
+        "moderations",
+        "rerank",
+        "score",
+        "tokenize",
+        "detokenize",
+        "models",
+        "audio",
+        "images",
+        "files",
+        "batches",
+        "uploads",
+        "vector_stores",
+        "fine_tuning",
+    }
+)
+
+
+def endpoint_of(path: str) -> str:
+    """A bounded label for a ``/v1/`` path: the known endpoint it belongs to, else ``other``."""
+    rest = path.removeprefix("/v1/").strip("/")
+    if rest in _ENDPOINTS:
+        return rest
+    head = rest.split("/", 1)[0]
+    return head if head in _ENDPOINTS else "other"
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request did, gathered on the way for its log event and metrics."""
+
+    request_id: str
+    endpoint: str
+    settings: Settings
+    replicas: Mapping[str, Replicas]  # taken with the settings: a reload swaps both at once
+    started: float = field(default_factory=time.perf_counter)
+    resolution: Resolution | None = None
+    target: Target | None = None  # the one the answer came from (the last tried)
+    backend: str = DEFAULT_BACKEND
+    stream: bool = False
+    status: int = 0
+    first_byte: float | None = None
+    outcome: str | None = None
+    upstream_error: str | None = None
+    think_blocks: int = 0
+
+    @classmethod
+    def begin(cls, request: Request, endpoint: str) -> Exchange:
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id)
+        metrics.IN_FLIGHT.inc()
+        return cls(request_id, endpoint, request.app.ctx.settings, request.app.ctx.replicas)
+
+    def tags(self) -> dict[str, str]:
+        """Headers on every proxied response: the request id, the upstream, the served model
+        (percent-encoded: a client's model id must not be able to inject header bytes)."""
+        tags = {"x-request-id": self.request_id, "x-rerouter-upstream": self.backend}
+        served = self.served
+        if served:
+            tags["x-rerouter-target-model"] = quote(served, safe="/:@._-+=")
+        return tags
+
+    @property
+    def served(self) -> str | None:
+        """The model id the answer came from: the target tried last, else the first target."""
+        if self.target is not None and self.target.model:
+            return self.target.model
+        return self.resolution.target if self.resolution else None
+
+    def finish(self, labels: metrics.ModelLabels) -> None:
+        duration = time.perf_counter() - self.started
+        source = self.resolution.source if self.resolution else None
+        target = self.served
+        target_label = labels(target)
+        metrics.IN_FLIGHT.dec()
+        metrics.child(metrics.REQUESTS, self.endpoint, labels(source), target_label, str(self.status)).inc()
+        metrics.child(metrics.DURATION, self.endpoint, target_label).observe(duration)
+        if self.first_byte is not None:
+            metrics.child(metrics.TIME_TO_FIRST_BYTE, self.endpoint, target_label).observe(
+                self.first_byte - self.started
+            )
+        if self.outcome is not None:
+            metrics.child(metrics.STREAMS, self.endpoint, target_label, self.outcome).inc()
+        if self.upstream_error is not None:
+            metrics.child(metrics.UPSTREAM_ERRORS, target_label, self.upstream_error).inc()
+        if self.think_blocks:
+            metrics.child(metrics.THINKING_STRIPPED, target_label).inc(self.think_blocks)
+        log.info(
+            "request",
+            endpoint=self.endpoint,
+            source_model=source,
+            target_model=target,
+            upstream=self.backend,
+            rule=self.resolution.rule if self.resolution else None,
+            stream=self.stream,
+            status=self.status,
+            duration_ms=round(duration * 1000, 2),
+            **({"outcome": self.outcome} if self.outcome else {}),
+            **({"upstream_error": self.upstream_error} if self.upstream_error else {}),
+        )

@@ -1,0 +1,207 @@
+"""Forwarding one attempt upstream and relaying its answer: whole, or as a stream.
+
+Answers read whole (JSON, or of known length) are relayed in one piece, rewritten first when the
+settings ask (think blocks, the model's name); event streams and bodies of unknown length are
+relayed chunk by chunk as they arrive, through the same rewrites as SSE filters.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import structlog
+from sanic import Request
+from sanic.response import HTTPResponse
+
+from service import access, payload, renaming, upstream
+from service.backends import Backend
+from service.errors import ProxyError
+from service.exchange import Exchange
+from service.reasoning import ThinkStream, transform_message
+
+log = structlog.get_logger("rerouter")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFilter:
+    """SSE filters in a row: think stripping, then renaming (either may be absent)."""
+
+    think: ThinkStream | None
+    rename: renaming.RenameStream | None
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self.think is not None:
+            chunk = self.think.feed(chunk)
+        return self.rename.feed(chunk) if self.rename is not None and chunk else chunk
+
+    def close(self) -> bytes:
+        tail = self.think.close() if self.think is not None else b""
+        if self.rename is not None:
+            tail = (self.rename.feed(tail) if tail else b"") + self.rename.close()
+        return tail
+
+    @property
+    def stripped(self) -> int:
+        return self.think.stripped if self.think is not None else 0
+
+
+class TryNext(Exception):
+    """This attempt failed before any byte reached the client, and another one is left."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def upstream_url(request: Request, base: str, path: str | None = None) -> str:
+    query = request.query_string
+    return base + (path or request.path) + (f"?{query}" if query else "")
+
+
+def headers_up(request: Request, exchange: Exchange, backend: Backend, *, identity: bool = False) -> Any:
+    """The client's headers for the upstream; the backend's key (or UPSTREAM_API_KEY) replaces
+    the client's credential."""
+    key = backend.api_key or exchange.settings.upstream_api_key
+    headers = upstream.request_headers(request.headers, without=access.CREDENTIAL_HEADERS if key else ())
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    headers["x-request-id"] = exchange.request_id
+    if identity:
+        headers["accept-encoding"] = "identity"
+    return headers
+
+
+async def relay(
+    request: Request,
+    exchange: Exchange,
+    backend: Backend,
+    url: str,
+    body: bytes,
+    think: str = "keep",
+    rename: str | None = None,
+    *,
+    last: bool = True,
+) -> HTTPResponse | None:
+    """Forward, and relay the answer.
+
+    Read whole first: answers with a length or without a body, and JSON answers (a JSON answer
+    cut or stalled half-way then still gets its own 502/504, and think blocks can be taken
+    out). Relayed as they arrive: event streams and anything else of unknown length. ``think``
+    other than ``keep`` rewrites think blocks in a successful completion answer, and ``rename``
+    names the model the client asked for in it; both need it unencoded. Otherwise the answer's
+    bytes are relayed untouched. Unless ``last``, a 5xx or 429 is not relayed but tried again.
+    """
+    settings = exchange.settings
+    async with upstream.call(
+        request.app.ctx.session,
+        request.method,
+        upstream_url(request, url),
+        data=body or None,
+        headers=headers_up(request, exchange, backend, identity=think != "keep" or rename is not None),
+        limits=upstream.limits(settings, backend, whole=not exchange.stream),
+    ) as answer:
+        if not last and (answer.status >= 500 or answer.status == 429):
+            raise TryNext(f"http_{answer.status}" if answer.status == 429 else "http_5xx")
+        note_status(exchange, answer.status)
+        headers = upstream.response_headers(answer.headers.items())
+        event_stream = answer.content_type == "text/event-stream"
+        transform = answer.status == 200 and (think != "keep" or rename is not None)
+        encoding = answer.headers.get("content-encoding", "identity").lower()
+        if transform and encoding not in ("", "identity"):
+            # Asked for identity, got it compressed anyway: relayed as it came, not rewritten.
+            log.warning("answer left as sent: the upstream compressed it", encoding=encoding)
+            transform = False
+        chat = exchange.endpoint == "chat/completions"
+        json_answer = answer.content_type == "application/json"
+        gap = settings.read_timeout(backend)
+        if not event_stream and (
+            json_answer
+            or answer.content_length is not None
+            or answer.status in (204, 304)
+            or request.method == "HEAD"
+        ):
+            with upstream.BodyReader(answer, gap) as reader:
+                data = await reader.whole()
+            if transform and json_answer:
+                data = _transformed(data, think, chat, rename, exchange)
+            return HTTPResponse(data, status=answer.status, headers=headers)
+        stream = _stream_filter(think, chat, rename) if transform and event_stream else None
+        await _stream(request, exchange, answer, headers, gap, stream)
+        return None
+
+
+def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchange: Exchange) -> bytes:
+    if think != "keep":
+        data = _without_think(data, think, chat, exchange)
+    return renaming.rename_json(data, rename) if rename is not None else data
+
+
+def _stream_filter(think: str, chat: bool, rename: str | None) -> StreamFilter:
+    """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out)."""
+    stripper = ThinkStream(think, chat) if think != "keep" else None
+    renamer = renaming.RenameStream(rename) if rename is not None else None
+    return StreamFilter(stripper, renamer)
+
+
+def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> bytes:
+    try:
+        body = payload.loads(data)
+    except ProxyError:
+        return data
+    if not isinstance(body, dict):
+        return data
+    exchange.think_blocks = transform_message(body, mode, chat)
+    return payload.dumps(body) if exchange.think_blocks else data
+
+
+def note_status(exchange: Exchange, status: int) -> None:
+    exchange.status = status
+    if status >= 400:
+        exchange.upstream_error = f"http_{status // 100}xx"
+
+
+async def _stream(
+    request: Request,
+    exchange: Exchange,
+    answer: aiohttp.ClientResponse,
+    headers: list[tuple[str, str]],
+    gap: float,
+    think: StreamFilter | None,
+) -> None:
+    """Relay chunks as they arrive (through ``think`` when given). An upstream failure mid-way
+    closes the client's connection without the final chunk, so the client sees a broken stream
+    rather than a clean end."""
+    tags = exchange.tags()
+    headers = [(name, value) for name, value in headers if name.lower() not in tags]
+    headers.extend(tags.items())
+    if answer.content_type == "text/event-stream":
+        headers.append(("x-accel-buffering", "no"))
+    with upstream.BodyReader(answer, gap) as body:
+        first = await body.read()  # before any byte is sent, a failure still gets its status
+        exchange.outcome = "started"
+        response = await request.respond(status=answer.status, headers=headers)
+        try:
+            chunk = first
+            while chunk:
+                data = chunk if think is None else think.feed(chunk)
+                if data:
+                    if exchange.first_byte is None:
+                        exchange.first_byte = time.perf_counter()
+                    await response.send(data)
+                chunk = await body.read()
+            if think is not None and (tail := think.close()):
+                await response.send(tail)
+        except upstream.FAILURES as exc:
+            exchange.outcome = "upstream_error"
+            exchange.upstream_error = upstream.failure(exc).reason
+            log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
+            if request.transport is not None:
+                request.transport.close()
+            return
+        finally:
+            if think is not None:
+                exchange.think_blocks = think.stripped
+    await response.eof()
+    exchange.outcome = "completed"
