@@ -10,6 +10,7 @@ print one line and exit 2 before anything binds. Reloads build a new Settings th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -114,10 +115,44 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+class DuplicateKeyError(ValueError):
+    """The same key twice in one object: JSON parsers keep the last silently, we refuse."""
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    unique: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in unique:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        unique[key] = value
+    return unique
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key repeated in one mapping at any depth (a merge key's
+    entries, ``<<: *base``, may still be overridden: that is what merging is for)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            with contextlib.suppress(TypeError):  # unhashable: PyYAML's own error follows
+                if key in seen:
+                    line = key_node.start_mark.line + 1
+                    raise DuplicateKeyError(f"duplicate key {key!r} (line {line})")
+                seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def _json_object(parse: Callable[[object], Any], error: type[ValueError]) -> Callable[[str], Any]:
     def parse_text(value: str) -> Any:
         try:
-            raw = json.loads(value, parse_constant=_no_constant) if value.strip() else {}
+            text = value.strip()
+            raw = json.loads(value, parse_constant=_no_constant, object_pairs_hook=_unique) if text else {}
+        except DuplicateKeyError:
+            raise
         except ValueError as exc:
             raise ValueError(f"invalid JSON: {exc}") from None
         try:
@@ -245,7 +280,12 @@ OPTIONS = (
         _choice("strip", "keep", "reasoning"),
         "<think> blocks in answers: strip, keep or reasoning (default: strip where disabled)",
     ),
-    _Option("LISTEN_HOST", "listen_host", _nonempty, "address to listen on (default 0.0.0.0)"),
+    _Option(
+        "LISTEN_HOST",
+        "listen_host",
+        _nonempty,
+        "address to listen on; 127.0.0.1 with --demo unless set (default 0.0.0.0)",
+    ),
     _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),
     _Option("WORKERS", "workers", _int_between(1, 256), "worker processes (default 1)"),
     _Option("LOG_FORMAT", "log_format", _choice("json", "console"), "json or console"),
@@ -406,7 +446,9 @@ def read_config_file(path: str) -> dict[str, str]:
     """The file's settings as text, keyed by field; YAML (a superset of JSON) or JSON."""
     try:
         with open(path, encoding="utf-8") as handle:
-            loaded = yaml.safe_load(handle)
+            loaded = yaml.load(handle, Loader=_UniqueKeyLoader)  # a SafeLoader
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"CONFIG_FILE: {path!r}: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"CONFIG_FILE: cannot read {path!r}: {exc.strerror}") from None
     except UnicodeDecodeError:
@@ -463,7 +505,8 @@ def load_settings(environ: Mapping[str, str], argv: Sequence[str] = ()) -> Setti
             values[option.field] = option.parse(raw)
         except ValueError as exc:
             raise ConfigError(f"{name}: {exc}") from None
-    if demo:
+    if demo:  # the demo checks no key: loopback only, unless asked
+        values.setdefault("listen_host", "127.0.0.1")
         values.setdefault("model_map", parse_model_map(DEMO_MODEL_MAP))
         values["upstream_url"] = "http://127.0.0.1:0"
     if "upstream_url" not in values and "default" not in values.get("upstreams", {}):

@@ -654,3 +654,59 @@ def test_sanics_response_timeout_covers_every_attempt_of_the_longest_fallback_li
     )
     slowest_attempt = 5 + 1800
     assert loaded.response_timeout > 3 * 2 * slowest_attempt + 5 * 4.0
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"MODEL_MAP": '{"a": "x", "a": "y"}'}, "MODEL_MAP: duplicate key 'a'"),
+        ({"MODEL_MAP": '{"a": {"model": "x", "model": "y"}}'}, "MODEL_MAP: duplicate key 'model'"),
+        ({"UPSTREAMS": '{"b": "http://h:1", "b": "http://h:2"}'}, "UPSTREAMS: duplicate key 'b'"),
+        (
+            {"MODEL_PARAMS": '{"m": {"defaults": {"temperature": 1, "temperature": 2}}}'},
+            "MODEL_PARAMS: duplicate key 'temperature'",
+        ),
+    ],
+)
+def test_a_json_setting_with_a_duplicate_key_is_refused_naming_setting_and_key(
+    env: dict[str, str], line: str
+) -> None:
+    """json.loads keeps the last of two equal keys; the operator meant one of them."""
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, **env})
+    assert str(caught.value) == line
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "key", "line"),
+    [
+        ("top.yaml", "listen_port: 1\nlisten_port: 2\n", "listen_port", 2),
+        ("deep.yaml", "model_map:\n  gpt-4o: a\n  gpt-4o: b\n", "gpt-4o", 3),
+        ("deeper.yaml", "model_params:\n  m:\n    drop: [x]\n    drop: [y]\n", "drop", 4),
+        ("flow.yaml", "model_map: {a: x, a: y}\n", "a", 1),
+        ("file.json", '{"model_map": {"a": "x"},\n "model_map": {"b": "y"}}', "model_map", 2),
+    ],
+)
+def test_a_config_file_with_a_duplicate_key_at_any_depth_is_refused(
+    tmp_path: Path, name: str, text: str, key: str, line: int
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings({**BASE, "CONFIG_FILE": str(path)})
+    assert str(caught.value) == f"CONFIG_FILE: {str(path)!r}: duplicate key {key!r} (line {line})"
+
+
+def test_a_yaml_merge_key_may_still_be_overridden(tmp_path: Path) -> None:
+    """``<<: *base`` then the same key is how YAML overrides a merged entry, not a duplicate."""
+    path = tmp_path / "merge.yaml"
+    path.write_text("model_map:\n  <<: {gpt-4o: a, gpt-4: c}\n  gpt-4o: b\n")
+    loaded = load_settings({**BASE, "CONFIG_FILE": str(path)})
+    assert loaded.model_map.resolve("gpt-4o").targets[0].model == "b"
+    assert loaded.model_map.resolve("gpt-4").targets[0].model == "c"
+
+
+def test_demo_listens_on_loopback_unless_listen_host_is_set() -> None:
+    assert load_settings({}, ["--demo"]).listen_host == "127.0.0.1"
+    assert load_settings({"LISTEN_HOST": "0.0.0.0"}, ["--demo"]).listen_host == "0.0.0.0"
+    assert load_settings(BASE).listen_host == "0.0.0.0"
