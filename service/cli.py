@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import shutil
-import signal
+import socket
 import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from functools import partial
+from typing import TYPE_CHECKING
 
 from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
-from service import demo
+from service import demo, lifecycle
 from service.config import ConfigError, Settings, command_of, load_settings
+
+if TYPE_CHECKING:
+    from service.reload import Sources
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,18 +37,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     if command == "resolve":
         print(describe(settings, model or ""))
         return
-    _prepare_metrics_dir()
-    if settings.demo:
-        settings = replace(settings, upstream_url=demo.start_in_thread())
-        print(
-            f"openai-model-rerouter: no UPSTREAM_URL, so serving against the built-in demo "
-            f"upstream at {settings.upstream_url}.\n  Try: curl -s http://127.0.0.1:"
-            f"{settings.listen_port}/v1/chat/completions -H 'Content-Type: application/json' "
-            """-d '{"model": "gpt-3.5-turbo-16k", "messages": [{"role": "user", "content": "hi"}]}'""",
-            file=sys.stderr,
-            flush=True,
-        )
-    serve(settings, args)
+    guard = lifecycle.MainGuard(settings)
+    try:
+        sock = lifecycle.listen(settings.listen_host, settings.listen_port)
+        _prepare_metrics_dir()
+        if settings.demo:
+            settings = replace(settings, upstream_url=demo.start_in_thread())
+            print(_demo_banner(settings, sock.getsockname()[1]), file=sys.stderr, flush=True)
+        serve(settings, args, sock, guard)
+    except lifecycle.Stopped:
+        return
+    except (OSError, EOFError):
+        if not guard.stopping:
+            raise
+        # Stopping, and the signal also ended Sanic's state manager (a SIGTERM to the whole
+        # process group): the workers were stopped already; exit as after any other stop.
+
+
+def _demo_banner(settings: Settings, port: int) -> str:
+    """The hint uses the port really bound (LISTEN_PORT=0 picks one) and an address that answers."""
+    host = "127.0.0.1" if settings.listen_host in ("0.0.0.0", "::") else settings.listen_host
+    where = lifecycle.address(host, port)
+    return (
+        f"openai-model-rerouter: no UPSTREAM_URL, so serving against the built-in demo upstream at "
+        f"{settings.upstream_url}.\n  Try: curl -s http://{where}/v1/chat/completions "
+        "-H 'Content-Type: application/json' "
+        """-d '{"model": "gpt-3.5-turbo-16k", "messages": [{"role": "user", "content": "hi"}]}'"""
+    )
 
 
 def describe(settings: Settings, model: str) -> str:
@@ -75,44 +92,28 @@ def _prepare_metrics_dir() -> None:
     if path is None:
         path = tempfile.mkdtemp(prefix="rerouter-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        lifecycle.at_exit(partial(shutil.rmtree, path, ignore_errors=True))
         return
     shutil.rmtree(path, ignore_errors=True)
     os.makedirs(path, exist_ok=True)
 
 
-def _reload_marker() -> str:
-    """A file the main process touches on SIGHUP; every worker watches it and reloads."""
-    handle, path = tempfile.mkstemp(prefix="rerouter-reload-")
-    os.close(handle)
-    atexit.register(_remove, path)
+def _worker_app(settings: Settings, sources: Sources, main_pid: int) -> Sanic:
+    lifecycle.guard_worker(main_pid)
+    from service.app import create_app  # imported only now: it loads prometheus_client
 
-    def touch(signum: int, frame: object) -> None:
-        os.utime(path)
-
-    signal.signal(signal.SIGHUP, touch)
-    return path
+    return create_app(settings, sources)
 
 
-def _remove(path: str) -> None:
-    with contextlib.suppress(OSError):
-        os.remove(path)
-
-
-def serve(settings: Settings, argv: Sequence[str] = ()) -> None:
+def serve(settings: Settings, argv: Sequence[str], sock: socket.socket, guard: lifecycle.MainGuard) -> None:
     """Workers rebuild the app from a factory: spawned processes cannot find it by name inside
     a zipapp, and this keeps `python -m service` and the zipapp on one path."""
-    from service.app import create_app  # imported only now: it loads prometheus_client
+    from service.app import create_app
     from service.reload import Sources
 
-    sources = Sources(dict(os.environ), tuple(argv), _reload_marker())
-    loader = AppLoader(factory=partial(create_app, settings, sources))
-    app = loader.load()
-    app.prepare(
-        host=settings.listen_host,
-        port=settings.listen_port,
-        workers=settings.workers,
-        access_log=False,
-        motd=False,
-    )
+    sources = Sources(dict(os.environ), tuple(argv))
+    loader = AppLoader(factory=partial(_worker_app, settings, sources, os.getpid()))
+    app = create_app(settings, sources)
+    app.main_process_ready(guard.attach)
+    app.prepare(sock=sock, workers=settings.workers, access_log=False, motd=False)
     Sanic.serve(primary=app, app_loader=loader)

@@ -2,10 +2,12 @@
 
 Each worker checks ``CONFIG_FILE`` every ``CONFIG_POLL_SECONDS`` (a stat: Kubernetes swaps a
 ConfigMap's symlink, which changes it) and reloads at once on SIGHUP. SIGHUP goes to the main
-process (PID 1 in a container, systemd's MainPID); it touches a marker file that the workers
-watch too. A reload builds a whole new Settings the way start-up does and swaps it in with one
-assignment: a request takes its settings once, when it starts, so requests in flight finish on
-the old ones. A file that does not validate is logged and counted, and the old settings stay.
+process (PID 1 in a container, systemd's MainPID), which forwards it to every worker
+(``service.lifecycle``). A file caught empty is taken for one being written (truncate, then
+write): it is applied only if it is still empty at the next check. A reload builds a whole new
+Settings the way start-up does and swaps it in with one assignment: a request takes its settings
+once, when it starts, so requests in flight finish on the old ones. A file that does not
+validate is logged and counted, and the old settings stay.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ class Sources:
 
     environ: Mapping[str, str]
     argv: tuple[str, ...]
-    marker: str | None = None
 
 
 def reloaded(current: Settings, sources: Sources) -> tuple[Settings, list[str]]:
@@ -45,7 +46,7 @@ def reloaded(current: Settings, sources: Sources) -> tuple[Settings, list[str]]:
     return replace(fresh, **{name: getattr(current, name) for name in frozen}), ignored
 
 
-def _stat(path: str | None) -> tuple[int, int, int] | None:
+def _signature(path: str | None) -> tuple[int, int, int] | None:
     if path is None:
         return None
     try:
@@ -55,8 +56,15 @@ def _stat(path: str | None) -> tuple[int, int, int] | None:
     return info.st_mtime_ns, info.st_size, info.st_ino
 
 
-def _signature(settings: Settings, sources: Sources) -> tuple[object, ...]:
-    return _stat(settings.config_file), _stat(sources.marker)
+def is_blank(path: str | None) -> bool:
+    """True for an existing file holding nothing but white space."""
+    if path is None:
+        return False
+    try:
+        with open(path, "rb") as handle:
+            return not handle.read(65536).strip() and not handle.read(1)
+    except OSError:
+        return False
 
 
 def apply(app: Sanic, sources: Sources) -> None:
@@ -83,12 +91,20 @@ async def watch(app: Sanic, sources: Sources) -> None:
     """The worker's reload loop; runs until the server stops and cancels it."""
     wake = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, wake.set)
-    last = _signature(app.ctx.settings, sources)
+    path = app.ctx.settings.config_file
+    last = _signature(path)
+    held = False  # the file was blank at the last check and has not been applied
     while True:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(wake.wait(), app.ctx.settings.config_poll_seconds)
-        now = _signature(app.ctx.settings, sources)
-        if wake.is_set() or now != last:
+        now = _signature(path)
+        if wake.is_set() or now != last or held:
+            changed = now != last
             wake.clear()
             last = now
+            if is_blank(path) and (changed or not held):
+                held = True
+                log.info("config file is empty; keeping the running settings unless it stays empty")
+                continue
+            held = False
             apply(app, sources)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +19,7 @@ import pytest
 
 from service import __version__
 from service.config import OPTIONS
-from tests.conftest import SANIC_ACK_SETTLE, free_port
+from tests.conftest import SANIC_ACK_SETTLE, eventually, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 30
@@ -94,6 +95,7 @@ BAD_SETTINGS: list[tuple[dict[str, str], list[str], str]] = [
     ({"DISABLE_THINKING": "maybe"}, [], "DISABLE_THINKING"),
     ({"LOG_FORMAT": "xml"}, [], "LOG_FORMAT"),
     ({"LOG_LEVEL": "verbose"}, [], "LOG_LEVEL"),
+    ({"MODEL_MAP": '{"gpt-4o": "a", "gpt-4o": "b"}'}, [], "MODEL_MAP"),
     ({}, ["--workers", "many"], "--workers"),
 ]
 
@@ -240,3 +242,67 @@ def test_check_names_every_backend_and_refuses_an_unknown_one() -> None:
     assert bad.err.strip() == (
         "openai-model-rerouter: MODEL_MAP: key 'gpt-4o': unknown upstream 'big' (UPSTREAMS names: default)"
     )
+
+
+def test_a_port_in_use_is_one_line_naming_it_and_no_traceback(occupied_port: int) -> None:
+    for args in ((), ("--demo",)):
+        result = run(
+            *args, UPSTREAM_URL="http://127.0.0.1:9", LISTEN_HOST="127.0.0.1", LISTEN_PORT=str(occupied_port)
+        )
+        assert result.code == 1, result
+        assert result.err.splitlines() == [
+            f"openai-model-rerouter: cannot listen on 127.0.0.1:{occupied_port}: Address already in use"
+        ], result.err
+        assert result.out == ""
+
+
+def listening_addresses(pid: int, port: int) -> set[str]:
+    """The local addresses a process listens on for ``port``, from /proc (hex, as the kernel writes)."""
+    found = set()
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:
+                found.add(address)
+    return found
+
+
+def test_demo_banner_names_the_bound_port_and_listens_on_loopback_only(tmp_path: Path) -> None:
+    """LISTEN_PORT=0 picks a free port: the banner shows that one. The demo checks no key, so
+    without LISTEN_HOST it listens on 127.0.0.1 only."""
+    stderr_path = tmp_path / "stderr"
+    with stderr_path.open("w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service", "--demo"],
+            env=clean_env(LISTEN_PORT="0", SHUTDOWN_GRACE="0"),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            start_new_session=True,
+        )
+    try:
+
+        def banner_port() -> int:
+            found = re.search(r"Try: curl -s http://127\.0\.0\.1:(\d+)/v1/", stderr_path.read_text())
+            assert found, stderr_path.read_text()
+            return int(found.group(1))
+
+        port = eventually(banner_port, TIMEOUT)
+        assert port != 0
+
+        def answers() -> None:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.HTTPError as exc:
+                raise AssertionError(exc) from exc
+
+        eventually(answers, TIMEOUT)
+        assert listening_addresses(process.pid, port) == {"0100007F"}  # 127.0.0.1, nothing else
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -255,6 +255,9 @@ INVALID = [
     pytest.param("request_timeout: -1\n", "CONFIG_FILE request_timeout: ", id="bad-value"),
     pytest.param("- model_map\n- request_timeout\n", "must hold a mapping", id="not-a-mapping"),
     pytest.param(None, "cannot read", id="file-removed"),
+    pytest.param(
+        "model_map:\n  gpt-reload: a\n  gpt-reload: b\n", "duplicate key 'gpt-reload'", id="dup-key"
+    ),
 ]
 
 
@@ -357,6 +360,76 @@ def test_restart_only_settings_in_the_file_are_logged_and_not_applied(
 
     eventually(logged_as_json, timeout=2)
     change_and_wait(fresh, reloading, files.config, yaml_config("kept-target"), "kept-target")
+
+
+# --- prompt SIGHUP, and a file caught mid-write ---------------------------------------------------------
+
+HUP_DEADLINE = 5.0  # "within a second", with room for a busy machine; the poll is 60 s
+
+
+@pytest.fixture(scope="module")
+def hup_only(
+    start_proxy: StartProxy, own: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SimpleNamespace]:
+    """Two workers that would not look at the file for a minute: only SIGHUP makes them."""
+    config = tmp_path_factory.mktemp("hup") / "config.yaml"
+    write_atomically(config, yaml_config("hup-first"))
+    proxy = start_proxy(
+        UPSTREAM_URL=own.url, MODEL_MAP=None, WORKERS="2", CONFIG_FILE=str(config), CONFIG_POLL_SECONDS="60"
+    )
+    yield SimpleNamespace(proxy=proxy, config=config)
+    proxy.stop()
+
+
+def hang_up_and_count(client: httpx.Client, proxy: Proxy, result: str, name: str | None = None) -> float:
+    """SIGHUP the main process; wait until both workers counted ``result`` (or logged ``name``)."""
+    before = reloads(client, proxy, result) if name is None else len(events(proxy, name))
+    sent = time.monotonic()
+    proxy.process.send_signal(signal.SIGHUP)
+
+    def both_workers() -> None:
+        now = reloads(client, proxy, result) if name is None else len(events(proxy, name))
+        assert now >= before + 2
+
+    eventually(both_workers, HUP_DEADLINE)
+    return time.monotonic() - sent
+
+
+def test_sighup_reloads_every_worker_at_once(hup_only: SimpleNamespace, fresh: httpx.Client) -> None:
+    write_atomically(hup_only.config, yaml_config("hup-second"))
+    hang_up_and_count(fresh, hup_only.proxy, "success")
+    all_serve(fresh, hup_only.proxy, "hup-second")
+
+
+HELD = "config file is empty; keeping the running settings unless it stays empty"
+
+
+def test_a_file_caught_empty_mid_write_keeps_the_running_settings(
+    hup_only: SimpleNamespace, fresh: httpx.Client
+) -> None:
+    """Truncate, then write, as `>` in a shell or a non-atomic editor does: a reload between the
+    two must not run on "no settings" (here: no model map at all)."""
+    write_atomically(hup_only.config, yaml_config("before-truncate"))
+    hang_up_and_count(fresh, hup_only.proxy, "success")
+    successes = reloads(fresh, hup_only.proxy, "success")
+    hup_only.config.write_text("")  # truncated in place; the new text is not there yet
+    hang_up_and_count(fresh, hup_only.proxy, "success", name=HELD)
+    all_serve(fresh, hup_only.proxy, "before-truncate")
+    assert reloads(fresh, hup_only.proxy, "success") == successes
+    hup_only.config.write_text(yaml_config("after-truncate"))
+    hang_up_and_count(fresh, hup_only.proxy, "success")
+    all_serve(fresh, hup_only.proxy, "after-truncate")
+
+
+def test_a_file_that_stays_empty_is_applied_at_the_next_check(
+    hup_only: SimpleNamespace, fresh: httpx.Client
+) -> None:
+    """Empty at two checks in a row: the operator meant it, and it sets nothing (no map here)."""
+    hup_only.config.write_text("\n")
+    hang_up_and_count(fresh, hup_only.proxy, "success", name=HELD)
+    all_serve(fresh, hup_only.proxy, served(fresh, hup_only.proxy))
+    hang_up_and_count(fresh, hup_only.proxy, "success")
+    all_serve(fresh, hup_only.proxy, "gpt-reload")  # passed through unmapped
 
 
 # --- last, as it may leave the workers unable to reload ----------------------------------------------
