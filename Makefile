@@ -27,6 +27,7 @@ format: install
 	$(BIN)/ruff format service tests
 
 test: lint
+	@echo "make test: the whole suite starts real proxies and upstreams; allow up to 10 minutes on 2 cores"
 	$(BIN)/pytest
 
 # One file for a host with nothing but Python (the minor version and platform this builds with,
