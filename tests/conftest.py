@@ -98,10 +98,9 @@ SANIC_ACK_SETTLE = 0.5
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, workers: int) -> None:
-    """Healthy, every worker reported ready, and a moment more: Sanic 25.12's main process hangs
-    for good on a SIGTERM that arrives while it still waits for the workers' start-up
-    acknowledgements (it polls them every 0.1 s), so tests must not stop a proxy that early."""
-    deadline = time.monotonic() + 30
+    """Healthy, every worker reported ready, and a moment more for Sanic's main process to see
+    the workers' start-up acknowledgements (a stop before that is safe too: test_lifecycle)."""
+    deadline = time.monotonic() + 90  # a busy 2-core machine takes half a minute to start 2 workers
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}:\n{log_path.read_text()}")
