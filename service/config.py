@@ -27,7 +27,10 @@ from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
-DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
+DEMO_MODEL_MAP = (
+    '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b", '
+    '"text-embedding-3-small": "demo-bge-m3"}'
+)
 
 
 class ConfigError(ValueError):
