@@ -7,7 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -211,12 +210,11 @@ def test_langchain_chat_and_embeddings(base_url: str) -> None:
 
 
 @pytest.mark.timeout(400)  # importing litellm alone can take a minute on a busy machine
+@pytest.mark.filterwarnings("ignore")  # litellm's lazy imports warn (pydantic, ReadOnly TypedDicts)
 def test_litellm_completion_streamed_and_not(base_url: str) -> None:
     """litellm is heavy (about 250 MB with boto3 and more), so it is not in the test extra: run
     this after `uv pip install -p .venv litellm`, with LITELLM_LOCAL_MODEL_COST_MAP=True offline."""
-    with warnings.catch_warnings():  # its import warns (pydantic, ReadOnly TypedDicts)
-        warnings.simplefilter("ignore")
-        litellm = pytest.importorskip("litellm")
+    litellm = pytest.importorskip("litellm")
     kwargs = {"model": "openai/gpt-3.5-turbo-16k", "api_base": base_url, "api_key": "unused", "messages": HI}
     reply = litellm.completion(**kwargs)
     assert reply.choices[0].message.content.endswith(REPLY)
