@@ -37,7 +37,7 @@ docs-reference: install
 # The documentation site (mkdocs.yml) into site/; --strict: a broken link or anchor fails.
 # tests/test_docs_site.py runs the same build, so `make test` does too.
 docs: install
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # One file for a host with nothing but Python (the minor version and platform this builds with,
 # for the compiled dependencies): python3 dist/openai-model-rerouter.pyz --help.

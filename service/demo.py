@@ -174,7 +174,8 @@ async def _stream(
 
     with contextlib.suppress(ConnectionResetError):
         if chat:
-            await response.write(event([{"index": 0, "delta": {"role": "assistant", "content": ""}}]))
+            role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None}
+            await response.write(event([{**role, "finish_reason": None}]))
         for piece in pieces(text):
             await response.write(event([choice(piece)]))
             await asyncio.sleep(WORD_DELAY)
