@@ -81,3 +81,14 @@ def test_help_line_names_the_default_and_the_variable() -> None:
     assert port.help_line.endswith("(default 1234) [LISTEN_PORT]")
     url = next(option for option in OPTIONS if option.env == "UPSTREAM_URL")
     assert "(default" not in url.help_line
+
+
+def test_readme_settings_table_agrees_with_the_code() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([A-Z_]+)` \| ([^|]+) \| `([^`]+)` \|", readme, flags=re.MULTILINE)
+    by_env = {option.env: option for option in OPTIONS}
+    assert len(rows) == 10
+    for env, default, example in rows:
+        option = by_env[env]
+        assert default.strip() == ("unset" if option.default is None else f"`{option.default}`"), env
+        option.parse(example)
