@@ -5,6 +5,7 @@ docs/pending/ stay out of the site."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,21 @@ def test_a_broken_link_fails_the_build_but_pending_notes_are_left_out(tmp_path: 
     assert result.returncode != 0
     for complaint in BROKEN.values():
         assert complaint in result.stderr
+
+
+def slug(heading: str) -> str:
+    """The anchor Python-Markdown's toc (mkdocs) and GitHub give a heading like ours."""
+    text = re.sub(r"[^\w\s-]", "", heading).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def test_readme_links_reach_pages_and_headings_that_exist() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)(?:#([\w-]+))?\)", readme)
+    assert len(links) >= 10
+    for path, anchor in links:
+        page = ROOT / path
+        assert page.is_file(), path
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), flags=re.MULTILINE)
+            assert anchor in {slug(heading) for heading in headings}, f"{path}#{anchor}"
