@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run lint format test
+.PHONY: install run lint format test docs docs-reference
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ format: install
 test: lint
 	@echo "make test: the whole suite starts real proxies and upstreams; allow up to 10 minutes on 2 cores"
 	$(BIN)/pytest
+
+# The settings reference in docs/configuration.md, rewritten from service/config.py's OPTIONS
+# (tests/test_config_docs.py fails while the committed page differs).
+docs-reference: install
+	$(BIN)/python -m service.config_docs
+
+# The documentation site (mkdocs.yml) into site/; --strict: a broken link or anchor fails.
+# tests/test_docs_site.py runs the same build, so `make test` does too.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 # One file for a host with nothing but Python (the minor version and platform this builds with,
 # for the compiled dependencies): python3 dist/openai-model-rerouter.pyz --help.

@@ -14,7 +14,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from functools import cached_property
 from typing import Any
 
@@ -28,7 +28,10 @@ from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
-DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
+DEMO_MODEL_MAP = (
+    '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b", '
+    '"text-embedding-3-small": "demo-bge-m3"}'
+)
 
 
 class ConfigError(ValueError):
@@ -236,166 +239,329 @@ def _keys(value: str) -> tuple[str, ...]:
     return keys
 
 
+SECTIONS = (
+    "Upstreams and routing",
+    "Thinking control",
+    "Server",
+    "Timeouts and limits",
+    "Security",
+    "Logging and metrics",
+    "Configuration file",
+)
+
+
 @dataclass(frozen=True)
 class _Option:
+    """One setting: what the parser reads, what --help says and what the reference page lists.
+
+    ``help`` is plain text (no Markdown: --help shows it too); ``default`` is the value as it would
+    be written (None: unset), ``example`` a value worth copying, ``see`` a page of the docs
+    (``routing.md#backends``) that says more.
+    """
+
     env: str
     field: str
     parse: Callable[[str], Any]
     help: str
+    _: KW_ONLY
+    default: str | None
+    example: str
+    section: str
+    see: str | None = None
 
     @property
     def flag(self) -> str:
         return "--" + self.env.lower().replace("_", "-")
 
+    @property
+    def help_line(self) -> str:
+        """What --help shows for it: the description, its default, its variable."""
+        default = "" if self.default is None else f" (default {self.default})"
+        return f"{self.help}{default} [{self.env}]"
+
+
+_ROUTING, _THINKING, _SERVER, _LIMITS, _SECURITY, _OBSERVE, _FILE = SECTIONS
 
 OPTIONS = (
-    _Option("UPSTREAM_URL", "upstream_url", parse_upstream_url, "OpenAI-compatible server base URL"),
+    _Option(
+        "UPSTREAM_URL",
+        "upstream_url",
+        parse_upstream_url,
+        "Base URL of the model server (http or https), the backend named default. A trailing /v1 is "
+        "optional; a path prefix is kept. Required unless UPSTREAMS defines default, or with --demo.",
+        default=None,
+        example="http://localhost:8000",
+        section=_ROUTING,
+        see="routing.md#backends",
+    ),
     _Option(
         "UPSTREAMS",
         "upstreams",
         _json_object(parse_upstreams, ValueError),
-        'JSON object: backend name -> URL or {"urls": [...], "api_key", "connect_timeout", "read_timeout"}',
+        "JSON object of named backends: name -> URL, or "
+        '{"urls": [...], "api_key", "connect_timeout", "read_timeout"}.',
+        default="{}",
+        example='{"big": {"urls": ["http://a:8000", "http://b:8000"]}}',
+        section=_ROUTING,
+        see="routing.md#backends",
     ),
     _Option(
         "MODEL_MAP",
         "model_map",
         parse_model_map,
-        'JSON object: source id or /regex/ -> target id, {"model", "upstream"}, or a fallback list',
+        "JSON object: requested id or /regex/ -> target id, "
+        '{"model", "upstream"}, or a list of those tried in order. Unmatched ids pass through.',
+        default="{}",
+        example='{"gpt-3.5-turbo-16k": "qwen3-4b", "/gpt-4.*/": "qwen3-14b"}',
+        section=_ROUTING,
+        see="routing.md#model-mapping",
     ),
     _Option(
         "DISABLE_THINKING",
         "disable_thinking",
         parse_thinking_scope,
-        "switch thinking off: true/false, or /regex/ of target models",
+        "Switch thinking off: true or false for every model, or a /regex/ the whole target model id "
+        "must match.",
+        default="false",
+        example="/qwen3.*/",
+        section=_THINKING,
+        see="thinking.md",
     ),
     _Option(
         "THINKING_SWITCH",
         "thinking_switch",
         _choice("suffix", "template", "both"),
-        "how: suffix (' /no_think'), template (enable_thinking=false) or both",
+        "How thinking is switched off: suffix (append /no_think), template "
+        "(chat_template_kwargs.enable_thinking=false) or both.",
+        default="suffix",
+        example="template",
+        section=_THINKING,
+        see="thinking.md#the-switch",
     ),
     _Option(
         "THINK_OUTPUT",
         "think_output",
         _choice("strip", "keep", "reasoning"),
-        "<think> blocks in answers: strip, keep or reasoning (default: strip where disabled)",
+        "A leading <think> block in answers: strip it, keep it, or move it to reasoning_content. "
+        "Unset: strip where thinking is disabled, keep elsewhere.",
+        default=None,
+        example="reasoning",
+        section=_THINKING,
+        see="thinking.md#the-output",
     ),
     _Option(
         "LISTEN_HOST",
         "listen_host",
         _nonempty,
-        "address to listen on; 127.0.0.1 with --demo unless set (default 0.0.0.0)",
+        "Address to listen on; with --demo, 127.0.0.1 unless set.",
+        default="0.0.0.0",
+        example="127.0.0.1",
+        section=_SERVER,
     ),
-    _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),
-    _Option("WORKERS", "workers", _int_between(1, 256), "worker processes (default 1)"),
-    _Option("LOG_FORMAT", "log_format", _choice("json", "console"), "json or console"),
+    _Option(
+        "LISTEN_PORT",
+        "listen_port",
+        _int_between(0, 65535),
+        "Port to listen on, 0-65535.",
+        default="1234",
+        example="8080",
+        section=_SERVER,
+    ),
+    _Option(
+        "WORKERS",
+        "workers",
+        _int_between(1, 256),
+        "Worker processes, 1-256; about one per CPU core to use.",
+        default="1",
+        example="4",
+        section=_SERVER,
+        see="deployment.md#scaling",
+    ),
+    _Option(
+        "LOG_FORMAT",
+        "log_format",
+        _choice("json", "console"),
+        "Log lines as json or console (human-readable key=value).",
+        default="json",
+        example="console",
+        section=_OBSERVE,
+        see="logging.md",
+    ),
     _Option(
         "LOG_LEVEL",
         "log_level",
         _choice("debug", "info", "warning", "error", "critical"),
-        "log level (default info)",
+        "Lowest level logged; request events are info, so warning hides them.",
+        default="info",
+        example="warning",
+        section=_OBSERVE,
+        see="logging.md",
     ),
     _Option(
         "METRICS_MAX_MODELS",
         "metrics_max_models",
         _int_between(1, 100_000),
-        "distinct model label values per worker before 'other' (default 100)",
+        "Distinct model label values per worker before new ids are reported as other.",
+        default="100",
+        example="500",
+        section=_OBSERVE,
+        see="metrics.md#label-cap",
     ),
     _Option(
         "UPSTREAM_CONNECT_TIMEOUT",
         "upstream_connect_timeout",
         _seconds(zero_ok=False),
-        "seconds to open an upstream connection (default 10)",
+        "Seconds to open a connection to the upstream; then 504.",
+        default="10",
+        example="3",
+        section=_LIMITS,
     ),
     _Option(
         "UPSTREAM_READ_TIMEOUT",
         "upstream_read_timeout",
         _seconds(zero_ok=False),
-        "seconds the upstream may stay silent, streams included (default 600)",
+        "Seconds the upstream may stay silent, before its headers and between any two chunks, "
+        "streams included. Streams have no total limit.",
+        default="600",
+        example="1800",
+        section=_LIMITS,
     ),
     _Option(
         "SHUTDOWN_GRACE",
         "shutdown_grace",
         _seconds(zero_ok=True),
-        "on SIGTERM, seconds /readyz says 503 while new connections are still accepted (default 5)",
+        "On SIGTERM, seconds /readyz answers 503 while new requests are still served.",
+        default="5",
+        example="10",
+        section=_SERVER,
+        see="reliability.md#graceful-shutdown",
     ),
     _Option(
         "SHUTDOWN_TIMEOUT",
         "shutdown_timeout",
         _seconds(zero_ok=True),
-        "then, seconds in-flight requests and streams may take to finish (default 30)",
+        "Then, seconds requests and streams in flight may take to finish.",
+        default="30",
+        example="300",
+        section=_SERVER,
+        see="reliability.md#graceful-shutdown",
     ),
     _Option(
         "PROXY_API_KEYS",
         "proxy_api_keys",
         _keys,
-        "comma-separated keys clients must present (Authorization: Bearer, or api-key)",
+        "Comma-separated keys clients must present (Authorization: Bearer, or api-key). Unset: no check.",
+        default=None,
+        example="key-one,key-two",
+        section=_SECURITY,
+        see="security.md#client-keys",
     ),
     _Option(
         "PROXY_API_KEYS_FILE",
         "proxy_api_keys_file",
         read_keys_file,
-        "file of client keys, one per line or comma-separated (e.g. a mounted Secret)",
+        "File of client keys, one per line or comma-separated (e.g. a mounted Secret); re-read on SIGHUP.",
+        default=None,
+        example="/etc/rerouter/keys",
+        section=_SECURITY,
+        see="security.md#client-keys",
     ),
     _Option(
         "UPSTREAM_API_KEY",
         "upstream_api_key",
         _nonempty,
-        "key sent upstream as Authorization: Bearer, replacing the client's credential",
+        "Key sent upstream as Authorization: Bearer, replacing the client's credential.",
+        default=None,
+        example="sk-...",
+        section=_SECURITY,
+        see="security.md#the-upstream-key",
     ),
     _Option(
         "MAX_REQUEST_BYTES",
         "max_request_bytes",
         _int_between(1024, 2**40),
-        "largest request body accepted, in bytes (default 33554432 = 32 MiB; beyond: 413)",
+        "Largest request body accepted, in bytes (32 MiB by default); a larger one gets 413.",
+        default="33554432",
+        example="104857600",
+        section=_LIMITS,
     ),
     _Option(
         "REQUEST_TIMEOUT",
         "request_timeout",
         _seconds(zero_ok=False),
-        "total seconds for a non-streamed upstream call (default 600)",
+        "Total seconds for an upstream call that is not streamed; then 504.",
+        default="600",
+        example="120",
+        section=_LIMITS,
     ),
     _Option(
         "UPSTREAM_MAX_CONNECTIONS",
         "upstream_max_connections",
         _int_between(0, 1_000_000),
-        "upstream connections per worker, streams included; 0 = no limit (default 1024)",
+        "Upstream connections per worker, a stream holding one throughout; 0 means no limit.",
+        default="1024",
+        example="4096",
+        section=_LIMITS,
     ),
     _Option(
         "RETRIES",
         "retries",
         _int_between(0, 10),
-        "extra tries of the same target on a retryable failure, before the next fallback (default 0)",
+        "Extra tries of the same target after a failure before any byte reached the client, before "
+        "the next fallback.",
+        default="0",
+        example="2",
+        section=_ROUTING,
+        see="routing.md#fallbacks-and-retries",
     ),
     _Option(
         "UPSTREAM_COOLDOWN",
         "upstream_cooldown",
         _seconds(zero_ok=True),
-        "seconds a replica that failed is skipped while others are healthy (default 10)",
+        "Seconds a replica that failed is skipped while its backend has healthy ones; 0: never.",
+        default="10",
+        example="30",
+        section=_ROUTING,
+        see="routing.md#replicas",
     ),
     _Option(
         "RESPONSE_MODEL",
         "response_model",
         _choice("upstream", "requested"),
-        "model named in answers: upstream (as served) or requested (the client's id) (default upstream)",
+        "Model named in answers: upstream (as served) or requested (the client's id).",
+        default="upstream",
+        example="requested",
+        section=_ROUTING,
+        see="routing.md#honest-model-names",
     ),
     _Option(
         "MODEL_PARAMS",
         "model_params",
         _json_object(ParamPolicy.parse, ParamsError),
-        "JSON object: target id or /regex/ -> {defaults, overrides, drop}",
+        "JSON object: target id or /regex/ -> {defaults, overrides, drop} for its request bodies.",
+        default="{}",
+        example='{"/qwen3-.*/": {"defaults": {"temperature": 0.6}, "drop": ["logit_bias"]}}',
+        section=_ROUTING,
+        see="routing.md#parameters-per-model",
     ),
     _Option(
         "CONFIG_FILE",
         "config_file",
         _nonempty,
-        "YAML or JSON file of these settings (lower-case keys), re-read on change and SIGHUP",
+        "YAML or JSON file of these settings (lower-case keys), re-read on change and on SIGHUP.",
+        default=None,
+        example="/etc/rerouter/config.yaml",
+        section=_FILE,
+        see="configuration.md#configuration-file-and-reloads",
     ),
     _Option(
         "CONFIG_POLL_SECONDS",
         "config_poll_seconds",
         _seconds(zero_ok=False),
-        "how often the config file is checked for changes (default 2)",
+        "How often each worker checks the configuration file for changes, in seconds.",
+        default="2",
+        example="10",
+        section=_FILE,
     ),
 )
 FILE_KEYS = {option.env.lower(): option for option in OPTIONS if option.env != "CONFIG_FILE"}
@@ -421,8 +587,9 @@ def _argument_parser() -> argparse.ArgumentParser:
         description="Proxy for OpenAI-compatible APIs that rewrites the requested model id. "
         "Every flag can also be set by the environment variable named in its help.",
     )
+    groups = {section: parser.add_argument_group(section.lower()) for section in SECTIONS}
     for option in OPTIONS:
-        parser.add_argument(option.flag, metavar="VALUE", help=f"{option.help} [{option.env}]")
+        groups[option.section].add_argument(option.flag, metavar="VALUE", help=option.help_line)
     parser.add_argument(
         "--demo",
         action="store_true",
