@@ -21,7 +21,14 @@ import yaml
 
 from service import __version__
 from service.access import parse_keys, read_keys_file
-from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
+from service.backends import (
+    BACKOFF_CAP,
+    Backend,
+    parse_credential,
+    parse_upstream_url,
+    parse_upstreams,
+    with_default,
+)
 from service.mapping import MappingError, ModelMap, is_regex_key
 from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
@@ -64,6 +71,8 @@ class Settings:
     upstream_cooldown: float = 10.0
     response_model: str = "upstream"
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
+    max_model_id_length: int = 256
+    max_sse_event_bytes: int = 1024 * 1024
     demo: bool = False
 
     @property
@@ -93,7 +102,7 @@ class Settings:
 
     @cached_property
     def policy(self) -> Policy:
-        return Policy(self.thinking, self.model_params)
+        return Policy(self.thinking, self.model_params, self.max_model_id_length)
 
     @cached_property
     def backends(self) -> dict[str, Backend]:
@@ -300,7 +309,7 @@ OPTIONS = (
     _Option(
         "UPSTREAM_API_KEY",
         "upstream_api_key",
-        _nonempty,
+        parse_credential,
         "key sent upstream as Authorization: Bearer, replacing the client's credential",
     ),
     _Option(
@@ -344,6 +353,19 @@ OPTIONS = (
         "model_params",
         _json_object(ParamPolicy.parse, ParamsError),
         "JSON object: target id or /regex/ -> {defaults, overrides, drop}",
+    ),
+    _Option(
+        "MAX_MODEL_ID_LENGTH",
+        "max_model_id_length",
+        _int_between(16, 4096),
+        "longest model id accepted, in characters; longer ones get 400 (default 256)",
+    ),
+    _Option(
+        "MAX_SSE_EVENT_BYTES",
+        "max_sse_event_bytes",
+        _int_between(1024, 2**30),
+        "largest stream event the think/rename filters hold; past it the stream is relayed as it "
+        "comes (default 1048576 = 1 MiB)",
     ),
     _Option(
         "CONFIG_FILE",
