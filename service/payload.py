@@ -75,9 +75,10 @@ def may_repeat_keys(raw: bytes, value: Any) -> bool:
     Every ``:`` outside a string ends a key, so without a repeated key the colons of ``raw``
     (its ``\\u003a`` escapes counted too) number those of ``value`` re-encoded (orjson writes
     every colon in a string as it is); a key the parse dropped only adds to the count in
-    ``raw``. A C-speed encode and two byte counts: a fraction of the parse; what orjson cannot
-    encode (integers beyond 64 bits, nesting past 255) is counted by walking it. Bodies that are
-    not UTF-8 (a NUL among the first bytes: UTF-16 or -32) count as repeating.
+    ``raw``. An orjson encode and byte counts, about the cost of the parse, paid only for bodies
+    that would go out as they came; what orjson cannot encode (integers beyond 64 bits, nesting
+    past 255) is counted by walking it. Bodies that are not UTF-8 (a NUL among the first bytes:
+    UTF-16 or -32) count as repeating.
     """
     if b"\x00" in raw[:4]:
         return True
