@@ -14,8 +14,9 @@ from urllib.parse import unquote
 
 from service.errors import ProxyError
 
-# Replaced, not forwarded, when the proxy sends its own key upstream.
-CREDENTIAL_HEADERS = ("authorization", "api-key")
+# Replaced, not forwarded, when the proxy sends its own key upstream (x-api-key: Anthropic-API
+# clients' key header).
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 def parse_keys(value: str) -> tuple[str, ...]:

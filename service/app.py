@@ -47,7 +47,9 @@ def create_app(
     app.config.GRACEFUL_SHUTDOWN_TIMEOUT = settings.shutdown_timeout
     app.config.REQUEST_MAX_SIZE = settings.max_request_bytes
     app.ctx.settings = settings
-    app.ctx.labels = metrics.ModelLabels(settings.metrics_max_models, settings.model_map.known_ids())
+    app.ctx.labels = metrics.ModelLabels(
+        settings.metrics_max_models, settings.model_map.known_ids(), settings.max_model_id_length
+    )
     app.ctx.ready = (0.0, False)
     app.ctx.draining = False
 
@@ -141,7 +143,7 @@ async def proxy(request: Request, path: str) -> HTTPResponse | None:
 
 async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     settings = exchange.settings
-    content_type = request.headers.get("content-type", "")
+    content_type = _one_content_type(request)
 
     def body_for(choice: int) -> payload.Rewritten:
         return payload.rewrite(
@@ -158,6 +160,19 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     exchange.resolution = first.resolution
     exchange.stream = first.stream
     return await dispatch(request, exchange, first.body, lambda choice: body_for(choice).body)
+
+
+def _one_content_type(request: Request) -> str:
+    """The body's media type, when the proxy can read the body as the upstream will: one
+    Content-Type (with two, the upstream may read the other), and no Content-Encoding (a
+    compressed body would reach the upstream with its model unmapped)."""
+    types = request.headers.getall("content-type", [])
+    if len(types) > 1:
+        raise ProxyError(400, "more than one Content-Type header", "invalid_header")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if request.body and encoding not in ("", "identity"):
+        raise ProxyError(415, "compressed request bodies are not supported", "unsupported_content_encoding")
+    return types[0] if types else ""
 
 
 async def list_models(request: Request) -> HTTPResponse | None:

@@ -26,7 +26,17 @@ BACKOFF_CAP = 4.0
 
 
 def parse_upstream_url(value: str) -> str:
-    """Accept ``http://h:8000`` and ``http://h:8000/v1`` alike; keep the base without ``/v1``."""
+    """Accept ``http://h:8000`` and ``http://h:8000/v1`` alike; keep the base without ``/v1``.
+
+    A ``user:password@`` is refused, and never quoted back: aiohttp would send it as Basic auth
+    and then fail every request whose client sent an Authorization header of its own, and the URL
+    is printed by ``check`` and logged. Keys belong in UPSTREAM_API_KEY or ``api_key``.
+    """
+    if "@" in value.strip().split("://", 1)[-1].split("/", 1)[0]:
+        raise ValueError(
+            "must not carry user:password@ (value not shown); send the key with UPSTREAM_API_KEY "
+            "or the backend's api_key"
+        )
     parts = urlsplit(value.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"not an http(s) URL: {value!r}")
@@ -124,9 +134,16 @@ def _urls(value: object) -> tuple[str, ...]:
 def _api_key(value: object) -> str | None:
     if value is None:
         return None
-    # It is sent as a header value: a newline would split the header.
-    if not isinstance(value, str) or not value.strip() or _CONTROL.search(value):
+    if not isinstance(value, str):
         raise ValueError("api_key must be a non-empty string without control characters")
+    return parse_credential(value, "api_key")
+
+
+def parse_credential(value: str, name: str = "the key") -> str:
+    """A key sent upstream as a header value: a control character would split or break the header
+    (aiohttp refuses it, so every request would fail). The message never quotes the key."""
+    if not value.strip() or _CONTROL.search(value):
+        raise ValueError(f"{name} must be a non-empty string without control characters (value not shown)")
     return value.strip()
 
 

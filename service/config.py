@@ -22,7 +22,14 @@ import yaml
 
 from service import __version__
 from service.access import parse_keys, read_keys_file
-from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
+from service.backends import (
+    BACKOFF_CAP,
+    Backend,
+    parse_credential,
+    parse_upstream_url,
+    parse_upstreams,
+    with_default,
+)
 from service.mapping import MappingError, ModelMap, is_regex_key
 from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
@@ -68,6 +75,8 @@ class Settings:
     upstream_cooldown: float = 10.0
     response_model: str = "upstream"
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
+    max_model_id_length: int = 256
+    max_sse_event_bytes: int = 1024 * 1024
     demo: bool = False
 
     @property
@@ -97,7 +106,7 @@ class Settings:
 
     @cached_property
     def policy(self) -> Policy:
-        return Policy(self.thinking, self.model_params)
+        return Policy(self.thinking, self.model_params, self.max_model_id_length)
 
     @cached_property
     def backends(self) -> dict[str, Backend]:
@@ -469,7 +478,7 @@ OPTIONS = (
     _Option(
         "UPSTREAM_API_KEY",
         "upstream_api_key",
-        _nonempty,
+        parse_credential,
         "Key sent upstream as Authorization: Bearer, replacing the client's credential.",
         default=None,
         example="sk-...",
@@ -543,6 +552,27 @@ OPTIONS = (
         example='{"/qwen3-.*/": {"defaults": {"temperature": 0.6}, "drop": ["logit_bias"]}}',
         section=_ROUTING,
         see="routing.md#parameters-per-model",
+    ),
+    _Option(
+        "MAX_MODEL_ID_LENGTH",
+        "max_model_id_length",
+        _int_between(16, 4096),
+        "Longest model id accepted, in characters, 16-4096; a longer one gets 400 invalid_model.",
+        default="256",
+        example="128",
+        section=_LIMITS,
+        see="security.md",
+    ),
+    _Option(
+        "MAX_SSE_EVENT_BYTES",
+        "max_sse_event_bytes",
+        _int_between(1024, 2**30),
+        "Largest stream event, in bytes, the think and rename filters hold; from a larger one on, "
+        "the stream is relayed as it comes, with a warning.",
+        default="1048576",
+        example="4194304",
+        section=_LIMITS,
+        see="security.md",
     ),
     _Option(
         "CONFIG_FILE",

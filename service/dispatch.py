@@ -9,7 +9,7 @@ import structlog
 from sanic import Request
 from sanic.response import HTTPResponse
 
-from service import backends, metrics, payload, upstream
+from service import backends, logs, metrics, payload, upstream
 from service.exchange import Exchange
 from service.mapping import Target
 from service.relay import TryNext, relay
@@ -48,9 +48,9 @@ async def dispatch(
             ).inc()
             log.warning(
                 "upstream attempt failed, trying again" if following == target else "falling back",
-                from_target=target.model,
+                from_target=logs.bounded(target.model, settings.max_model_id_length),
                 from_upstream=target.upstream,
-                to_target=following.model,
+                to_target=logs.bounded(following.model, settings.max_model_id_length),
                 to_upstream=following.upstream,
                 reason=failed.reason,
             )

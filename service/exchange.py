@@ -16,7 +16,7 @@ from urllib.parse import quote
 import structlog
 from sanic import Request
 
-from service import metrics
+from service import logs, metrics, payload
 from service.backends import DEFAULT_BACKEND, Replicas
 from service.config import Settings
 from service.mapping import Resolution, Target
@@ -86,10 +86,11 @@ class Exchange:
 
     def tags(self) -> dict[str, str]:
         """Headers on every proxied response: the request id, the upstream, the served model
-        (percent-encoded: a client's model id must not be able to inject header bytes)."""
+        (percent-encoded: a client's model id must not be able to inject header bytes; left out
+        when longer than MAX_MODEL_ID_LENGTH or not valid Unicode)."""
         tags = {"x-request-id": self.request_id, "x-rerouter-upstream": self.backend}
         served = self.served
-        if served:
+        if served and len(served) <= self.settings.max_model_id_length and payload.is_unicode(served):
             tags["x-rerouter-target-model"] = quote(served, safe="/:@._-+=")
         return tags
 
@@ -121,8 +122,8 @@ class Exchange:
         log.info(
             "request",
             endpoint=self.endpoint,
-            source_model=source,
-            target_model=target,
+            source_model=logs.bounded(source, self.settings.max_model_id_length),
+            target_model=logs.bounded(target, self.settings.max_model_id_length),
             upstream=self.backend,
             rule=self.resolution.rule if self.resolution else None,
             stream=self.stream,

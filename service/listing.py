@@ -66,6 +66,7 @@ async def list_models(request: Request, exchange: Exchange) -> HTTPResponse:
 async def get_model(request: Request, exchange: Exchange, model_id: str) -> HTTPResponse | None:
     """An alias is described by its first target's entry from that target's backend, under its
     own id; any other id is the default backend's to answer."""
+    payload.check_model_id(model_id, exchange.settings.max_model_id_length)
     resolution = exchange.settings.model_map.resolve(model_id)
     exchange.resolution = resolution
     if resolution.rule is None:

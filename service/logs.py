@@ -1,16 +1,70 @@
 """structlog set-up: one JSON (or console) line per event, bound to the request's context.
 
-Events carry ids, models, statuses and timings only: never prompts, completions or keys.
+Events carry ids, models, statuses and timings only: never prompts, completions or keys. What
+a client sent (a model id) can hold anything: ids are cut to a bounded length (``bounded``),
+the console format escapes control characters in every field as JSON does, and an event with
+a string that is not valid Unicode is still written, its bad characters escaped.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
 import structlog
+
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, lone surrogates.
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
+_SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def bounded(text: str | None, limit: int) -> str | None:
+    """``text`` cut to ``limit`` characters, marked with its full length when cut."""
+    if text is None or len(text) <= limit:
+        return text
+    return f"{text[:limit]}...[{len(text)} chars]"
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT_ESCAPES.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def escape(text: str) -> str:
+    """``text`` with every character a terminal or a log line could act on written as an escape."""
+    return _UNPRINTABLE.sub(_escaped, text)
+
+
+def _escape_fields(logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    """Console format: a field's line break or escape sequence must not forge a line or a colour."""
+    for key, value in event.items():
+        if isinstance(value, str) and _UNPRINTABLE.search(value):
+            event[key] = escape(value)
+    return event
+
+
+def _printable(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_printable(key): _printable(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_printable(item) for item in value]
+    return value
+
+
+def _json(event: Any, **options: Any) -> bytes:
+    """orjson; it refuses lone surrogates, and then the event goes out with them escaped rather
+    than being lost to a traceback."""
+    try:
+        return orjson.dumps(event, **options)
+    except TypeError:
+        return orjson.dumps(_printable(event), **options)
 
 
 def configure(log_format: str, log_level: str) -> None:
@@ -21,10 +75,11 @@ def configure(log_format: str, log_level: str) -> None:
         structlog.processors.format_exc_info,
     ]
     if log_format == "console":
+        processors.append(_escape_fields)
         renderer: structlog.typing.Processor = structlog.dev.ConsoleRenderer(colors=False)
         logger_factory: Any = structlog.PrintLoggerFactory(sys.stdout)
     else:
-        renderer = structlog.processors.JSONRenderer(serializer=orjson.dumps)
+        renderer = structlog.processors.JSONRenderer(serializer=_json)
         logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
     structlog.configure(
         processors=[*processors, renderer],

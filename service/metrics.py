@@ -24,6 +24,8 @@ from prometheus_client import (
     multiprocess,
 )
 
+from service.payload import DEFAULT_MAX_MODEL_ID, is_unicode
+
 _MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 REQUESTS = Counter(
@@ -80,23 +82,38 @@ class ModelLabels:
     """Caps the distinct model label values so clients cannot grow the series without bound.
 
     Ids named in MODEL_MAP always get their own value; other ids do until ``limit`` distinct
-    ones were seen by this worker, then they are reported as ``other``.
+    ones were seen by this worker, then they are reported as ``other``. An id longer than
+    ``max_length`` characters, or one that is not valid Unicode, is ``other`` from the start:
+    a label is stored once per value in the multiprocess files, and one that cannot be written
+    as UTF-8 would make every later /metrics fail.
     """
 
     OTHER = "other"
     NONE = "none"
 
-    def __init__(self, limit: int, known: set[str]) -> None:
+    def __init__(self, limit: int, known: set[str], max_length: int = DEFAULT_MAX_MODEL_ID) -> None:
         self._limit = limit
-        self.known = frozenset(known)
+        self._max_length = max_length
         self._seen: set[str] = set()
+        self.known = frozenset(known)
+
+    @property
+    def known(self) -> frozenset[str]:
+        return self._known
+
+    @known.setter
+    def known(self, ids: set[str] | frozenset[str]) -> None:
+        self._known = frozenset(model for model in ids if self._usable(model))
+
+    def _usable(self, model: str) -> bool:
+        return len(model) <= self._max_length and is_unicode(model)
 
     def __call__(self, model: str | None) -> str:
         if model is None:
             return self.NONE
-        if model in self.known or model in self._seen:
+        if model in self._known or model in self._seen:
             return model
-        if len(self._seen) >= self._limit:
+        if len(self._seen) >= self._limit or not self._usable(model):
             return self.OTHER
         self._seen.add(model)
         return model

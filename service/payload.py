@@ -3,12 +3,18 @@
 Nothing else in the body changes. When the model maps to itself and no switch applies, the
 original bytes are forwarded as they came; multipart forms are edited in place so file parts
 stay byte for byte what the client sent.
+
+One parse decides: the upstream reads what the proxy read. A body that starts with ``{`` is read
+as JSON whatever its Content-Type says (llama.cpp and Ollama parse it regardless), and a body
+whose objects name a key twice goes out re-encoded as the proxy parsed it (the last value kept),
+since parsers differ on which of the two wins.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +30,9 @@ COMPLETION_ENDPOINTS = frozenset({"chat/completions", "completions"})
 # "0" and searching: fifteen times quicker than the regex \d{19} on a typical body.
 _DIGITS_AS_ZERO = bytes.maketrans(b"123456789", b"000000000")
 _LONG_DIGITS = b"0" * 19
+# A JSON object, maybe after a UTF-8 byte order mark and whitespace.
+_OBJECT_START = re.compile(rb"(?:\xef\xbb\xbf)?[ \t\r\n]*\{")
+DEFAULT_MAX_MODEL_ID = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,45 @@ def loads(raw: bytes) -> Any:
         raise ProxyError(400, f"request body is not valid JSON: {message}", "invalid_json") from None
 
 
+def may_repeat_keys(raw: bytes, value: Any) -> bool:
+    """False only when no object of ``raw`` names a key twice (``value`` is what it parsed to).
+
+    Every ``:`` outside a string ends a key, so without a repeated key the colons of ``raw``
+    (its ``\\u003a`` escapes counted too) number those of ``value`` re-encoded (orjson writes
+    every colon in a string as it is); a key the parse dropped only adds to the count in
+    ``raw``. An orjson encode and byte counts, about the cost of the parse, paid only for bodies
+    that would go out as they came; what orjson cannot encode (integers beyond 64 bits, nesting
+    past 255) is counted by walking it. Bodies that are not UTF-8 (a NUL among the first bytes:
+    UTF-16 or -32) count as repeating.
+    """
+    if b"\x00" in raw[:4]:
+        return True
+    try:
+        expected = orjson.dumps(value).count(b":")
+    except orjson.JSONEncodeError:
+        expected = _keys_and_colons(value)
+    found = raw.count(b":")
+    if b"\\u003" in raw:
+        found += raw.count(b"\\u003a") + raw.count(b"\\u003A")
+    return found != expected
+
+
+def _keys_and_colons(value: Any) -> int:
+    """The colons of ``value`` encoded: its keys, plus the ``:`` in all its strings and keys."""
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            count += item.count(":")
+        elif isinstance(item, dict):
+            count += len(item) + sum(key.count(":") for key in item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
+
+
 def dumps(value: Any) -> bytes:
     """orjson, or the standard library for what orjson refuses (huge ints, nesting over 255)."""
     try:
@@ -77,12 +125,42 @@ def is_json(content_type: str) -> bool:
     return media == "application/json" or media.endswith("+json")
 
 
+def reads_as_json(raw: bytes, content_type: str) -> bool:
+    """Said to be JSON, or an object whatever the Content-Type says (upstreams may parse it)."""
+    return is_json(content_type) or _OBJECT_START.match(raw) is not None
+
+
 @dataclass(frozen=True, slots=True)
 class Policy:
     """What the settings ask of a body besides its model: thinking switch, parameter policy."""
 
     thinking: ThinkingPolicy
     params: ParamPolicy = field(default_factory=ParamPolicy)
+    max_model_id: int = DEFAULT_MAX_MODEL_ID
+
+
+def is_unicode(text: str) -> bool:
+    """Whether ``text`` can be written as UTF-8: no lone surrogate."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_model_id(model: str, limit: int) -> None:
+    """Refuse an id that cannot be a metric label, header or log field: longer than ``limit``
+    characters (MAX_MODEL_ID_LENGTH), or not encodable as UTF-8 (a lone surrogate, which JSON's
+    ``\\ud800`` escape can spell)."""
+    if len(model) > limit:
+        raise ProxyError(
+            400, f"model id is {len(model)} characters long; at most {limit} are accepted", "invalid_model"
+        )
+    if not is_unicode(model):
+        message = "request body is not valid JSON: the model id is not valid Unicode"
+        raise ProxyError(400, message, "invalid_json")
 
 
 def rewrite(
@@ -105,10 +183,10 @@ def rewrite(
         if not isinstance(body, dict):
             raise ProxyError(400, "request body must be a JSON object", "invalid_json")
         return _rewrite_json(raw, body, model_map, policy, choice, endpoint)
-    if raw and is_json(content_type):
+    if raw and reads_as_json(raw, content_type):
         return _rewrite_json(raw, loads(raw), model_map, policy, choice)
     if raw and content_type.lower().startswith("multipart/form-data"):
-        return _rewrite_multipart(raw, content_type, model_map, choice)
+        return _rewrite_multipart(raw, content_type, model_map, choice, policy.max_model_id)
     return Rewritten(raw, None)
 
 
@@ -123,7 +201,7 @@ def _rewrite_json(
     """The model, then (completions only) the thinking switch, then the parameter policy."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
-    resolution, changed = _resolve_in(body, model_map, choice)
+    resolution, changed = _resolve_in(body, model_map, choice, policy.max_model_id)
     if resolution is not None:
         target = resolution.targets[choice].model
         if completion is not None:
@@ -132,13 +210,18 @@ def _rewrite_json(
             changed = policy.params.apply(body, target) or changed
     elif completion is not None:
         changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
-    return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
+    # A key named twice: the upstream gets what the proxy read, not a parse of its own.
+    forwarded = dumps(body) if changed or may_repeat_keys(raw, body) else raw
+    return Rewritten(forwarded, resolution, body.get("stream") is True)
 
 
-def _resolve_in(body: dict[str, Any], model_map: ModelMap, choice: int) -> tuple[Resolution | None, bool]:
+def _resolve_in(
+    body: dict[str, Any], model_map: ModelMap, choice: int, limit: int
+) -> tuple[Resolution | None, bool]:
     model = body.get("model")
     if not isinstance(model, str):
         return None, False
+    check_model_id(model, limit)
     resolution = model_map.resolve(model)
     target = resolution.targets[choice].model
     if target == model:
@@ -167,7 +250,9 @@ def _is_model_field(headers: bytes) -> bool:
     return False
 
 
-def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap, choice: int) -> Rewritten:
+def _rewrite_multipart(
+    raw: bytes, content_type: str, model_map: ModelMap, choice: int, limit: int
+) -> Rewritten:
     """Every ``model`` field is rewritten (form parsers differ on which of several they read)."""
     boundary = _boundary(content_type)
     if boundary is None:
@@ -184,6 +269,7 @@ def _rewrite_multipart(raw: bytes, content_type: str, model_map: ModelMap, choic
             model = part[head_end + 4 : -2].decode()
         except UnicodeDecodeError:
             continue
+        check_model_id(model, limit)
         resolution = model_map.resolve(model)
         first = first or resolution
         target = resolution.targets[min(choice, len(resolution.targets) - 1)].model

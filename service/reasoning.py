@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from service.sse import EventFilter, SSEEvent, encode_data
+from service.sse import DEFAULT_MAX_EVENT, EventFilter, SSEEvent, encode_data
 
 MODES = ("strip", "reasoning")
 OPEN = "<think>"
@@ -170,9 +170,9 @@ class ThinkStream(EventFilter):
     choice's finish_reason, or in a chunk of its own before ``[DONE]`` or at the end.
     """
 
-    def __init__(self, mode: str, chat: bool) -> None:
+    def __init__(self, mode: str, chat: bool, max_event: int = DEFAULT_MAX_EVENT) -> None:
         _check_mode(mode)
-        super().__init__()
+        super().__init__(max_event)
         self._keep_reasoning = mode == "reasoning"
         self._chat = chat
         self._filters: dict[int, ThinkFilter] = {}
@@ -181,6 +181,9 @@ class ThinkStream(EventFilter):
 
     def close(self) -> bytes:
         return super().close() + self._flush()
+
+    def _give_up(self) -> bytes:
+        return self._flush()
 
     def _relay(self, event: SSEEvent) -> bytes:
         if event.data is None:

@@ -127,7 +127,11 @@ async def relay(
             if transform and json_answer:
                 data = _transformed(data, think, chat, rename, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
-        stream = _stream_filter(think, chat, rename) if transform and event_stream else None
+        stream = (
+            _stream_filter(think, chat, rename, settings.max_sse_event_bytes)
+            if transform and event_stream
+            else None
+        )
         await _stream(request, exchange, answer, headers, gap, stream)
         return None
 
@@ -138,10 +142,11 @@ def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchan
     return renaming.rename_json(data, rename) if rename is not None else data
 
 
-def _stream_filter(think: str, chat: bool, rename: str | None) -> StreamFilter:
-    """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out)."""
-    stripper = ThinkStream(think, chat) if think != "keep" else None
-    renamer = renaming.RenameStream(rename) if rename is not None else None
+def _stream_filter(think: str, chat: bool, rename: str | None, max_event: int) -> StreamFilter:
+    """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out), each
+    holding at most ``max_event`` bytes of an event (MAX_SSE_EVENT_BYTES)."""
+    stripper = ThinkStream(think, chat, max_event) if think != "keep" else None
+    renamer = renaming.RenameStream(rename, max_event) if rename is not None else None
     return StreamFilter(stripper, renamer)
 
 

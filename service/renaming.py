@@ -17,7 +17,7 @@ from typing import Any
 
 from service import payload
 from service.errors import ProxyError
-from service.sse import BOM, EventFilter, SSEEvent
+from service.sse import BOM, DEFAULT_MAX_EVENT, EventFilter, SSEEvent
 
 _MODEL_KEY = b'"model"'
 
@@ -75,8 +75,8 @@ class RenameStream(EventFilter):
     gives the same output bytes.
     """
 
-    def __init__(self, requested: str) -> None:
-        super().__init__()
+    def __init__(self, requested: str, max_event: int = DEFAULT_MAX_EVENT) -> None:
+        super().__init__(max_event)
         self._requested = requested
         self._first = True
 

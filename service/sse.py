@@ -10,6 +10,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import structlog
+
+log = structlog.get_logger("rerouter")
+
+DEFAULT_MAX_EVENT = 1024 * 1024
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 BOM = b"\xef\xbb\xbf"  # skipped on the stream's first line
 
@@ -62,6 +67,19 @@ class SSEParser:
         del buffer[:start]
         return events
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the event under way: its complete lines and the line being read."""
+        return len(self._raw) + len(self._line)
+
+    def pending(self) -> bytes:
+        """The bytes held for the event under way, as they came; the parser holds nothing after."""
+        held = bytes(self._raw + self._line)
+        self._raw.clear()
+        self._line.clear()
+        self._data = []
+        return held
+
     def close(self) -> list[SSEEvent]:
         """The last event when the stream ended without its blank line; the parser starts over."""
         events: list[SSEEvent] = []
@@ -105,21 +123,52 @@ class EventFilter:
     passes that LF on alone so an event relayed as it came keeps its exact bytes. When the event
     went out rewritten (LF-ended) or not at all, that LF is dropped here: relayed, it would end
     an empty event of its own.
+
+    An event is held until it is complete, so its size bounds the memory a stream takes: the
+    first event larger than ``max_event`` bytes (MAX_SSE_EVENT_BYTES) and everything after it
+    are relayed as they come, untransformed, with a warning (``overflowed``). Whatever the
+    chunking, the stream is cut over at the same event.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_event: int = DEFAULT_MAX_EVENT) -> None:
         self._parser = SSEParser()
         self._orphan_lf = False
+        self._max_event = max_event
+        self.overflowed = False
 
     def feed(self, chunk: bytes) -> bytes:
         """What the events this chunk completes become; an unfinished event waits for more."""
-        return b"".join(self._emit(event) for event in self._parser.feed(chunk))
+        if self.overflowed:
+            return chunk
+        parts = []
+        for event in self._parser.feed(chunk):
+            if not self.overflowed and len(event.raw) > self._max_event:
+                parts.append(self._overflow())
+            parts.append(event.raw if self.overflowed else self._emit(event))
+        if not self.overflowed and self._parser.buffered > self._max_event:
+            parts.append(self._overflow())
+        if self.overflowed:
+            parts.append(self._parser.pending())
+        return b"".join(parts)
 
     def close(self) -> bytes:
         """The rest of the stream; the filter starts over, as its parser does."""
-        tail = b"".join(self._emit(event) for event in self._parser.close())
+        tail = b"".join(self._emit(event) for event in self._parser.close()) if not self.overflowed else b""
         self._orphan_lf = False
+        self.overflowed = False
         return tail
+
+    def _overflow(self) -> bytes:
+        self.overflowed = True
+        log.warning(
+            "stream event larger than MAX_SSE_EVENT_BYTES, relaying the rest as it comes",
+            limit=self._max_event,
+        )
+        return self._give_up()
+
+    def _give_up(self) -> bytes:
+        """What the filter still holds of the events before, as SSE bytes (nothing by default)."""
+        return b""
 
     def _emit(self, event: SSEEvent) -> bytes:
         if self._orphan_lf and event.raw == b"\n":

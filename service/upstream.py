@@ -49,11 +49,18 @@ def new_session(settings: Settings) -> aiohttp.ClientSession:
     """Bodies pass through as the upstream encoded them (no auto-decompression), and aiohttp adds
     none of its own default headers, so the upstream sees what the client sent.
 
+    The session is shared by every client of the worker, so it keeps nothing of one request for
+    the next: no cookie jar (an upstream's Set-Cookie is relayed to its client, never stored), no
+    session-wide auth or headers, no redirects followed (``call`` passes allow_redirects=False),
+    no proxy or .netrc from the environment (trust_env off), and one TLS setting for all, so a
+    pooled connection is never reused under another client's terms.
+
     A stream holds its connection for the whole generation, so the pool (aiohttp's default is
     100) is sized by UPSTREAM_MAX_CONNECTIONS; every request sets its own timeouts.
     """
     return aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=settings.upstream_max_connections, ttl_dns_cache=60),
+        cookie_jar=aiohttp.DummyCookieJar(),
         timeout=limits(settings, whole=False),
         auto_decompress=False,
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from service.mapping import ModelMap
-from service.payload import COMPLETION_ENDPOINTS, is_json
+from service.payload import COMPLETION_ENDPOINTS, reads_as_json
 from tests.conftest import Proxy, StartProxy
 from tests.fault_server import Conn, FaultServer
 
@@ -320,7 +320,7 @@ ENDPOINTS = [
 def _expected_model(endpoint: str, content_type: bytes, body: bytes) -> str | None:
     """The model the upstream must see, when the proxy reads this body as JSON and it names one."""
     media = content_type.decode("utf-8", "surrogateescape")
-    if endpoint not in COMPLETION_ENDPOINTS and not is_json(media):
+    if endpoint not in COMPLETION_ENDPOINTS and not reads_as_json(body, media):
         return None
     try:
         parsed = json.loads(body, parse_constant=lambda name: None)

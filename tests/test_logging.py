@@ -258,3 +258,41 @@ def test_configure_filters_below_the_level() -> None:
         log.warning("kept", reason="x")
         log.error("also kept")
     assert [(e["event"], e["log_level"]) for e in captured] == [("kept", "warning"), ("also kept", "error")]
+
+
+HOSTILE = "gpt\n2026-01-01T00:00:00Z [info     ] forged event\x1b[31m\r\x00\x85\u2028\ud800 end"
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_console_escapes_control_characters_in_every_field(capsys: pytest.CaptureFixture[str]) -> None:
+    """A client's model id must not forge a console log line, colour a terminal or be lost."""
+    logs.configure("console", "debug")
+    structlog.get_logger("t").info(HOSTILE, source_model=HOSTILE, nested={"m": HOSTILE})
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out
+    assert out.endswith("\n")
+    line = out[:-1]
+    assert not re.search("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]", line), repr(line)
+    assert line.count("forged event") == 3
+    assert "source_model=" in line
+    structlog.get_logger("t").info("plain", model="a\x1b[2Jb")  # no space: not quoted by structlog
+    assert "model=a\\x1b[2Jb" in capsys.readouterr().out
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_json_writes_an_event_with_a_lone_surrogate_escaped(capsys: pytest.CaptureFixture[str]) -> None:
+    """orjson refuses lone surrogates; the event must still be written, one line, valid JSON."""
+    logs.configure("json", "info")
+    structlog.get_logger("t").info("request", source_model=HOSTILE, status=400)
+    lines = capsys.readouterr().out.removesuffix("\n").split("\n")  # NEL, U+2028 stay as they are
+    assert len(lines) == 1
+    event = orjson.loads(lines[0])
+    assert event["status"] == 400
+    assert event["source_model"].startswith("gpt\n2026")
+    assert "\\ud800" in event["source_model"]
+
+
+def test_bounded_cuts_long_ids_and_marks_them() -> None:
+    assert logs.bounded(None, 8) is None
+    assert logs.bounded("short", 8) == "short"
+    assert logs.bounded("m" * 100_000, 8) == "mmmmmmmm...[100000 chars]"

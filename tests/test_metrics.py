@@ -71,6 +71,19 @@ def test_model_labels_cap_in_process() -> None:
     assert labels(None) == "none"
 
 
+def test_model_labels_refuse_ids_that_are_too_long_or_not_unicode() -> None:
+    """A label is stored once per value in the multiprocess files, and one that cannot be UTF-8
+    makes every later /metrics fail: such ids are ``other`` before they take a place."""
+    labels = ModelLabels(3, {"alias", "bad-\ud800", "k" * 300}, max_length=256)
+    assert labels("\ud800") == "other"
+    assert labels("gpt-\udfff") == "other"
+    assert labels("m" * 257) == "other"
+    assert labels("bad-\ud800") == "other", "not even from MODEL_MAP"
+    assert labels("k" * 300) == "other"
+    assert [labels(m) for m in ("m" * 256, "a", "b", "c")] == ["m" * 256, "a", "b", "other"]
+    assert labels("alias") == "alias"
+
+
 # -- one proxy, a known mix of traffic ---------------------------------------------------------
 
 

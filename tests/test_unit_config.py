@@ -290,6 +290,9 @@ def test_defaults_of_the_security_and_limit_settings() -> None:
     assert loaded.upstream_max_connections == 1024
     assert loaded.config_file is None
     assert loaded.config_poll_seconds == 2.0
+    assert loaded.max_model_id_length == 256
+    assert loaded.max_sse_event_bytes == 1024 * 1024
+    assert loaded.policy.max_model_id == 256
 
 
 @pytest.mark.parametrize(
@@ -305,6 +308,12 @@ def test_defaults_of_the_security_and_limit_settings() -> None:
         ({"UPSTREAM_MAX_CONNECTIONS": "-1"}, "UPSTREAM_MAX_CONNECTIONS"),
         ({"CONFIG_POLL_SECONDS": "0"}, "CONFIG_POLL_SECONDS"),
         ({"CONFIG_FILE": "/nonexistent/config.yaml"}, "CONFIG_FILE"),
+        ({"UPSTREAM_API_KEY": "sk-a\nb"}, "UPSTREAM_API_KEY"),
+        ({"UPSTREAM_API_KEY": "sk-a\x00b"}, "UPSTREAM_API_KEY"),
+        ({"UPSTREAM_URL": "http://user:pass@upstream:8000"}, "UPSTREAM_URL"),
+        ({"UPSTREAMS": '{"b": {"urls": ["http://u:p@b:1"]}}'}, "UPSTREAMS"),
+        ({"MAX_MODEL_ID_LENGTH": "15"}, "MAX_MODEL_ID_LENGTH"),
+        ({"MAX_SSE_EVENT_BYTES": "1023"}, "MAX_SSE_EVENT_BYTES"),
     ],
 )
 def test_bad_security_and_limit_values_name_their_variable(env: dict[str, str], name: str) -> None:

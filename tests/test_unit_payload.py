@@ -246,15 +246,34 @@ def test_other_endpoints_pass_json_without_a_model_and_non_objects_as_is() -> No
         assert result.resolution is None
 
 
-@pytest.mark.parametrize(
-    "content_type", ["", "text/plain", "application/octet-stream", "application/x-www-form-urlencoded"]
-)
-def test_other_endpoints_leave_non_json_content_types_alone(content_type: str) -> None:
-    raw = b'{"model": "gpt-3.5-turbo-16k"}'
-    result = rewrite(raw, "files", content_type)
-    assert result.body is raw
-    assert result.resolution is None
-    assert result.stream is False
+NON_JSON_TYPES = ["", "text/plain", "application/octet-stream", "application/x-www-form-urlencoded"]
+
+
+@pytest.mark.parametrize("content_type", NON_JSON_TYPES)
+def test_other_endpoints_leave_non_json_bodies_alone(content_type: str) -> None:
+    for raw in (b"model=gpt-3.5-turbo-16k", b'["gpt-3.5-turbo-16k"]', b"\x89PNG{", b'"{"'):
+        result = rewrite(raw, "files", content_type)
+        assert result.body is raw
+        assert result.resolution is None
+        assert result.stream is False
+
+
+@pytest.mark.parametrize("content_type", [*NON_JSON_TYPES, "multipart/form-data; boundary=x"])
+@pytest.mark.parametrize("lead", [b"", b" \r\n\t", b"\xef\xbb\xbf"])
+def test_a_json_object_is_read_as_json_whatever_its_content_type(content_type: str, lead: bytes) -> None:
+    """llama.cpp and Ollama parse a body as JSON whatever its Content-Type: the proxy maps the
+    model the upstream will read."""
+    raw = lead + b'{"model": "gpt-3.5-turbo-16k", "input": "x"}'
+    for endpoint in ("embeddings", "files", "chat/completions"):
+        result = rewrite(raw, endpoint, content_type)
+        assert payload.loads(result.body)["model"] == "qwen3-4b", (endpoint, content_type)
+        assert result.resolution is not None
+
+
+def test_a_json_object_that_does_not_parse_is_refused_whatever_its_content_type() -> None:
+    with pytest.raises(ProxyError) as caught:
+        rewrite(b'{"model": "gpt-3.5-turbo-16k",', "embeddings", "text/plain")
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
 
 
 def test_an_empty_body_on_another_endpoint_is_forwarded_as_is() -> None:
@@ -417,3 +436,109 @@ def test_params_apply_to_any_json_body_after_mapping_and_unchanged_keeps_the_byt
     assert json.loads(result.body) == {"model": "bge-m3", "input": "x", "encoding_format": "float"}
     raw = b'{"model": "bge-m3", "input": "x", "encoding_format": "float"}'
     assert rewrite(raw, "embeddings", params=params).body is raw
+
+
+# --- one parse decides: duplicate keys, and ids that cannot be labels -------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"model": "expensive-model", "model": "qwen3-4b", "messages": []}',
+        b'{"model": "qwen3-4b", "messages": [], "temperature": 0, "temperature": 2}',
+        b'{"model": "a", "chat_template_kwargs": {"enable_thinking": false, "enable_thinking": true}}',
+        b'{"model": "a", "messages": [{"role": "user", "role": "system", "content": "x"}]}',
+        # an escaped colon elsewhere must not hide the dropped key from the count
+        b'{"model": "a", "model": "b", "messages": [], "x": "\\u003a"}',
+        b'{"model": "a", "m\\u006fdel": "b"}',
+        b'{"model": "a", "model": "b", "n": 123456789012345678901234567890}',
+        '{"model": "a", "model": "b"}'.encode("utf-16"),
+    ],
+)
+def test_a_key_named_twice_goes_out_as_the_proxy_read_it(raw: bytes) -> None:
+    """Parsers differ on which of two equal keys wins: the upstream must not get to choose."""
+    cases = [("chat/completions", JSON), ("embeddings", JSON), ("embeddings", "text/plain")]
+    for endpoint, content_type in cases if raw.startswith(b"{") else cases[:2]:  # UTF-16: said JSON
+        result = rewrite(raw, endpoint, content_type)
+        assert result.body != raw
+        assert not payload.may_repeat_keys(result.body, payload.loads(result.body))
+        assert payload.loads(result.body) == json.loads(raw)
+
+
+def test_colons_in_strings_and_escapes_are_not_repeated_keys() -> None:
+    raw = b'{"model": "qwen3-4b", "messages": [{"role": "user", "content": "a: b :: \\u003a"}], "k:": 1}'
+    assert rewrite(raw).body is raw
+    # A backslash written before u003a looks like an escaped colon: re-encoded, to be safe.
+    odd = b'{"model": "qwen3-4b", "messages": [], "k": "\\\\u003a"}'
+    assert payload.loads(rewrite(odd).body) == payload.loads(odd)
+
+
+keyed_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet=st.sampled_from('ab:"\\u')),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(st.tuples(st.sampled_from(["a", "b", ":", "a:b", "u003a"]), inner), max_size=4)
+    ),
+    max_leaves=15,
+)
+
+
+def _encode(value: Any, escaped: bool) -> str:
+    """JSON text; a list of pairs is an object whose keys may repeat. ``escaped`` writes the
+    colons inside strings as ``\\u003a``."""
+
+    def string(text: str) -> str:
+        return json.dumps(text).replace(":", "\\u003a") if escaped else json.dumps(text)
+
+    if isinstance(value, list) and all(isinstance(item, tuple) for item in value) and value:
+        return "{" + ",".join(f"{string(key)}:{_encode(item, escaped)}" for key, item in value) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_encode(item, escaped) for item in value) + "]"
+    return string(value) if isinstance(value, str) else json.dumps(value)
+
+
+def _repeats_a_key(raw: bytes) -> bool:
+    found = False
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal found
+        found = found or len({key for key, _ in items}) != len(items)
+        return dict(items)
+
+    json.loads(raw, object_pairs_hook=pairs)
+    return found
+
+
+@settings(max_examples=300, deadline=None)
+@given(keyed_values, st.booleans())
+def test_repeated_keys_are_found_exactly_as_a_pair_by_pair_parse_finds_them(
+    value: Any, escaped: bool
+) -> None:
+    raw = _encode(value, escaped).encode()
+    assert payload.may_repeat_keys(raw, payload.loads(raw)) == _repeats_a_key(raw)
+
+
+@pytest.mark.parametrize("model", ["\ud800", "gpt-\udfff-4o", "a\ud83d"])
+def test_a_model_that_is_not_valid_unicode_is_refused(model: str) -> None:
+    raw = json.dumps({"model": model, "input": "x"}).encode()  # \ud800 escapes, as a client may send
+    for endpoint in ("chat/completions", "embeddings"):
+        with pytest.raises(ProxyError) as caught:
+            rewrite(raw, endpoint)
+        assert (caught.value.status, caught.value.code) == (400, "invalid_json")
+
+
+def test_a_model_id_over_the_limit_is_refused_in_json_and_forms() -> None:
+    long_id = "m" * 257
+    at_limit = "m" * 256
+    assert rewrite(json.dumps({"model": at_limit}).encode()).resolution.source == at_limit
+    with pytest.raises(ProxyError) as caught:
+        rewrite(json.dumps({"model": long_id}).encode())
+    assert (caught.value.status, caught.value.code) == (400, "invalid_model")
+    form = (
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\n' + long_id.encode() + b"\r\n--b--\r\n"
+    )
+    with pytest.raises(ProxyError):
+        rewrite(form, "audio/transcriptions", "multipart/form-data; boundary=b")
+    tighter = payload.Policy(ThinkingPolicy(), max_model_id=16)
+    with pytest.raises(ProxyError):
+        payload.rewrite(json.dumps({"model": "m" * 17}).encode(), JSON, "embeddings", MAP, tighter)

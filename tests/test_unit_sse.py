@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import itertools
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service.reasoning import ThinkStream
+from service.renaming import RenameStream
 from service.sse import SSEEvent, SSEParser, encode_data
 
 
@@ -180,3 +183,77 @@ def test_raw_bytes_of_all_events_are_the_stream_for_any_chunking(data: st.DataOb
 def test_encode_data_round_trips_through_the_parser(text: str) -> None:
     encoded = encode_data(text)
     assert parse(encoded) == [SSEEvent(encoded, text)]
+
+
+# --- bounded buffers: MAX_SSE_EVENT_BYTES -----------------------------------------------------
+
+LIMIT = 1024
+
+
+def renamed_event(model: str, pad: int = 0) -> bytes:
+    return b'data: {"model": "' + model.encode() + b'", "pad": "' + b"x" * pad + b'"}\n\n'
+
+
+def run_filter(chunks: list[bytes], limit: int = LIMIT) -> tuple[bytes, int]:
+    """The filter's output, and the most bytes its parser held after any feed."""
+    stream = RenameStream("asked", limit)
+    out, held = [], 0
+    for chunk in chunks:
+        out.append(stream.feed(chunk))
+        held = max(held, stream._parser.buffered)
+    out.append(stream.close())
+    return b"".join(out), held
+
+
+def test_an_event_over_the_limit_and_the_rest_of_the_stream_are_relayed_as_they_come() -> None:
+    before = renamed_event("served")
+    big = renamed_event("served", pad=5 * LIMIT)
+    after = renamed_event("served") + b": comment\n\n" + renamed_event("served")
+    out, held = run_filter([before, big[:300], big[300:], after])
+    assert out == b'data: {"model":"asked","pad":""}\n\n' + big + after
+    assert held <= LIMIT
+
+
+def test_one_line_that_never_ends_is_not_held_past_the_limit() -> None:
+    endless = [b"data: " + b"y" * 500 for _ in range(100)]
+    out, held = run_filter(endless)
+    assert out == b"".join(endless)
+    assert held <= LIMIT
+
+
+def test_think_text_held_before_the_cut_over_is_released_first() -> None:
+    think = ThinkStream("strip", chat=True, max_event=LIMIT)
+    start = b'data: {"choices": [{"index": 0, "delta": {"content": "<thi"}}]}\n\n'
+    assert think.feed(start) == b""  # held: it may become <think>
+    big = b'data: {"choices": [{"index": 0, "delta": {"content": "' + b"z" * 2 * LIMIT + b'"}}]}\n\n'
+    out = think.feed(big) + think.close()
+    assert out.endswith(big)
+    released = list(SSEParser().feed(out[: -len(big)]))
+    assert [orjson.loads(event.data or "")["choices"][0]["delta"]["content"] for event in released] == [
+        "<thi"
+    ]
+
+
+stream_events = st.lists(
+    st.tuples(st.sampled_from(["served", "other"]), st.sampled_from([0, 10, 400, 1100, 3000])),
+    min_size=1,
+    max_size=8,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(events=stream_events, data=st.data())
+def test_the_cut_over_falls_on_the_same_event_for_any_chunking(
+    events: list[tuple[str, int]], data: st.DataObject
+) -> None:
+    raw = [renamed_event(model, pad) for model, pad in events]
+    stream = b"".join(raw)
+    whole, _ = run_filter([stream])
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=12))
+    chunked, held = run_filter(split_at(stream, cuts))
+    assert chunked == whole
+    assert held <= LIMIT
+    first_big = next((i for i, event in enumerate(raw) if len(event) > LIMIT), len(raw))
+    tail = b"".join(raw[first_big:])
+    assert whole.endswith(tail)
+    assert whole[: len(whole) - len(tail)].count(b'"model":"asked"') == first_big
