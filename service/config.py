@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from service import __version__
+from service import __version__, cores
 from service.access import parse_keys, read_keys_file
 from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
 from service.mapping import MappingError, ModelMap, is_regex_key
@@ -27,6 +27,7 @@ from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
+MAX_WORKERS = 256
 DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
 
 
@@ -164,6 +165,15 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _workers(value: str) -> int:
+    """A number, or ``auto``: one worker per CPU the process may use (service/cores.py)."""
+    if value.strip().lower() == "auto":
+        return min(cores.usable_cpus(), MAX_WORKERS)
+    if not value.strip().isdigit():
+        raise ValueError(f"expected a whole number or auto, got {value!r}")
+    return _int_between(1, MAX_WORKERS)(value)
+
+
 def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
@@ -247,7 +257,12 @@ OPTIONS = (
     ),
     _Option("LISTEN_HOST", "listen_host", _nonempty, "address to listen on (default 0.0.0.0)"),
     _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),
-    _Option("WORKERS", "workers", _int_between(1, 256), "worker processes (default 1)"),
+    _Option(
+        "WORKERS",
+        "workers",
+        _workers,
+        "worker processes, or auto: one per usable CPU (affinity and cgroup CPU limit) (default 1)",
+    ),
     _Option("LOG_FORMAT", "log_format", _choice("json", "console"), "json or console"),
     _Option(
         "LOG_LEVEL",
