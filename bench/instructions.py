@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench import nginx, payloads
+from bench.ab import source_of
 from bench.run import PYTHON, ROOT, free_port
 
 _SERVE_PROXY = """
@@ -67,9 +68,13 @@ def _totals(path: Path) -> int:
     return int(match.group(1))
 
 
-def count(name: str, upstream_port: int, workdir: Path, requests: int, warmup: int) -> float:
+def count(
+    name: str, upstream_port: int, workdir: Path, requests: int, warmup: int, source: Path | None = None
+) -> float:
     port = free_port()
     env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+    if source is not None:
+        env["PYTHONPATH"] = str(source)
     if name == "floor":
         argv = [
             PYTHON,
@@ -94,19 +99,33 @@ def count(name: str, upstream_port: int, workdir: Path, requests: int, warmup: i
         (workdir / "metrics").mkdir(exist_ok=True)
         argv = [PYTHON, "-c", _SERVE_PROXY]
     out = workdir / f"callgrind.{name}"
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no", *argv]
+    # Not instrumented until the warm-up is over: start-up under full instrumentation takes minutes.
+    command = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+        "--dump-instr=no",
+        *argv,
+    ]
     log = open(workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed below
-    server = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    server = subprocess.Popen(
+        command, cwd=source or ROOT, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+    )
     try:
         _wait(port, 600)
         body = payloads.chat_body()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for _ in range(warmup):
             _post(connection, body)
-        subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
+        control = ["callgrind_control"]
+        subprocess.run([*control, "--instr=on", str(server.pid)], check=True, capture_output=True)
+        for _ in range(warmup // 4 or 1):  # code seen for the first time since instrumentation
+            _post(connection, body)
+        subprocess.run([*control, "--zero", str(server.pid)], check=True, capture_output=True)
         for _ in range(requests):
             _post(connection, body)
-        subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
+        subprocess.run([*control, "--dump", str(server.pid)], check=True, capture_output=True)
         connection.close()
         dumps = sorted(workdir.glob(f"callgrind.{name}.*"), key=lambda p: p.stat().st_mtime)
         return _totals(dumps[-1]) / requests
@@ -125,6 +144,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--only", choices=("floor", "proxy"))
+    parser.add_argument("--source", help="the proxy of this commit (default: the work tree)")
     parser.add_argument("--keep", type=Path, help="copy the callgrind files here (callgrind_annotate)")
     args = parser.parse_args()
     binary = nginx.find()
@@ -138,7 +158,8 @@ def main() -> None:
     results = {}
     try:
         for name in [args.only] if args.only else ["floor", "proxy"]:
-            results[name] = count(name, upstream_port, workdir, args.requests, args.warmup)
+            source = source_of(args.source, workdir) if name == "proxy" else None
+            results[name] = count(name, upstream_port, workdir, args.requests, args.warmup, source)
             print(f"{name}: {results[name] / 1e3:,.0f} k instructions/request", flush=True)
         if len(results) == 2:
             print(f"proxy/floor: {results['proxy'] / results['floor']:.3f}")
