@@ -19,6 +19,11 @@ from sanic.worker.loader import AppLoader
 from service import demo
 from service.config import ConfigError, Settings, command_of, load_settings
 
+# Connections the kernel may queue before the worker accepts them. Sanic's default, 100, overflows
+# when hundreds of clients open streams at once (they then see resets); nginx uses 511. The
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = tuple(sys.argv[1:] if argv is None else argv)
@@ -114,5 +119,6 @@ def serve(settings: Settings, argv: Sequence[str] = ()) -> None:
         workers=settings.workers,
         access_log=False,
         motd=False,
+        backlog=LISTEN_BACKLOG,
     )
     Sanic.serve(primary=app, app_loader=loader)

@@ -1,14 +1,20 @@
-"""WORKERS=auto: the CPUs a process may use, from its affinity and cgroup v2 quotas."""
+"""WORKERS=auto: the CPUs a process may use, from its affinity and cgroup v2 quotas; and how
+many connections each worker's listening socket may queue."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 
 from service import cores
+from service.cli import LISTEN_BACKLOG
 from service.config import ConfigError, load_settings
+from tests.conftest import Proxy
 
 
 @pytest.mark.parametrize(
@@ -78,3 +84,15 @@ def test_workers_auto_is_the_usable_cpus() -> None:
 def test_bad_workers_values_name_the_variable(value: str) -> None:
     with pytest.raises(ConfigError, match=r"^WORKERS"):
         load_settings({"UPSTREAM_URL": "http://127.0.0.1:9", "WORKERS": value}, [])
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2)")
+def test_the_listen_backlog_holds_a_burst_of_new_streams(proxy: Proxy) -> None:
+    """Sanic's default backlog (100) overflows when hundreds of clients open streams at once;
+    the proxy listens with LISTEN_BACKLOG (ss shows a listening socket's backlog as Send-Q)."""
+    port = urlsplit(proxy.url).port
+    listing = subprocess.run(
+        ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    expected = min(LISTEN_BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+    assert int(listing[2]) == expected, listing
