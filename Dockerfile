@@ -29,8 +29,10 @@ RUN pip install --no-cache-dir /wheels/openai_model_rerouter-*.whl
 # UPSTREAM_URL has no default: pass it with `docker run -e UPSTREAM_URL=...` (without it the
 # container exits 2 with "UPSTREAM_URL: required"). The metrics directory is wiped and recreated
 # at start; /tmp stays writable under a read-only root file system with an emptyDir on /tmp.
+# WORKERS=auto: one worker per CPU the container may use (its CPU set and its --cpus limit).
 ENV LISTEN_HOST=0.0.0.0 \
     LISTEN_PORT=1234 \
+    WORKERS=auto \
     MODEL_MAP="{}" \
     DISABLE_THINKING=false \
     PROMETHEUS_MULTIPROC_DIR=/tmp/rerouter-metrics

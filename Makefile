@@ -84,8 +84,23 @@ bench-deps:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light; \
 	fi
 
-# Loopback benchmark against nginx (bench/README.md): one table, JSON in bench/results/.
-# Not part of `make test`. BENCH_ARGS=--quick for a one-minute smoke run.
+# Loopback benchmark (bench/README.md): the proxy against the stack's floor, nginx and the
+# upstream itself, its targets PASS/FAIL; JSON in bench/results/. Not part of `make test`.
+# BENCH_ARGS=--quick for a one-minute smoke run.
 .PHONY: bench
 bench: install bench-deps
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# The same run with LiteLLM's proxy as a peer, installed (pinned) into a venv of its own,
+# bench/.peers-venv (git-ignored). Slow: LiteLLM takes a minute to start, twice.
+LITELLM_VERSION := $(shell sed -n 's/^LITELLM_VERSION = "\(.*\)".*/\1/p' bench/peers.py)
+PEERS_VENV := bench/.peers-venv
+.PHONY: bench-peers
+bench-peers: install bench-deps $(PEERS_VENV)/.litellm-$(LITELLM_VERSION)
+	$(BIN)/python -m bench.run --peers $(BENCH_ARGS)
+
+$(PEERS_VENV)/.litellm-$(LITELLM_VERSION): bench/peers.py
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q 'litellm[proxy]==$(LITELLM_VERSION)'
+	touch $@

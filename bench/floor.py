@@ -56,7 +56,9 @@ def main() -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", args.port))
     print(f"listening {sock.getsockname()[1]}", flush=True)
-    create_app(args.upstream).run(sock=sock, single_process=True, access_log=False, motd=False, verbosity=0)
+    app = create_app(args.upstream)
+    # The proxy's listen backlog (service/cli.py), not Sanic's 100: bursts of new streams overflow it.
+    app.run(sock=sock, single_process=True, access_log=False, motd=False, verbosity=0, backlog=1024)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ MODEL_MAP: dict[str, str] = {
 # The field of every paced stream event that carries the upstream's send time (CLOCK_MONOTONIC
 # in ns, shared by all processes of the machine). Last in the object, so ``"bench_ts":123}``.
 TS_FIELD = "bench_ts"
+TS_FINGERPRINT = "system_fingerprint"
 
 _SYSTEM = (
     "You are a helpful assistant for the customer support team of a mid-sized online retailer. "
@@ -151,10 +152,13 @@ def stream_contents(events: int, *, think: bool = False) -> list[str | None]:
     return [*pieces[: max(events - 1, 0)], None]
 
 
-def event_heads(events: int, *, think: bool = False) -> list[bytes]:
-    """Each paced event up to its timestamp: append ``b"%d}\\n\\n" % send_time_ns`` to finish it.
+def event_heads(events: int, *, think: bool = False, fingerprint: bool = False) -> list[bytes]:
+    """Each paced event up to its timestamp: append ``b"%d" % send_time_ns`` and then
+    ``ts_tail(fingerprint)`` to finish it.
 
-    The first event also carries the assistant role, as OpenAI-compatible servers send it.
+    The first event also carries the assistant role, as OpenAI-compatible servers send it. With
+    ``fingerprint`` the time goes into ``system_fingerprint`` (a string) instead of ``bench_ts``:
+    a peer that rebuilds every chunk from known fields (LiteLLM) keeps that one.
     """
     heads = []
     for index, text in enumerate(stream_contents(events, think=think)):
@@ -163,12 +167,17 @@ def event_heads(events: int, *, think: bool = False) -> list[bytes]:
         else:
             delta = {"role": "assistant", "content": text} if index == 0 else {"content": text}
             chunk = _chunk(delta, None)
-        chunk[TS_FIELD] = 0
+        chunk[TS_FINGERPRINT if fingerprint else TS_FIELD] = "0" if fingerprint else 0
         encoded = b"data: " + _compact(chunk)
-        suffix = b"0}"
+        suffix = b"0" + ts_tail(fingerprint)[:-2]
         assert encoded.endswith(suffix)
         heads.append(encoded[: -len(suffix)])
     return heads
+
+
+def ts_tail(fingerprint: bool) -> bytes:
+    """What follows the timestamp to the end of the event."""
+    return b'"}\n\n' if fingerprint else b"}\n\n"
 
 
 DONE = b"data: [DONE]\n\n"

@@ -42,6 +42,7 @@ from bench import payloads
 
 _STREAM = re.compile(rb'"stream"\s*:\s*true')
 _LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d+)", re.IGNORECASE)
+_QUERY_HEADER = re.compile(rb"\r\nx-bench-query:([^\r]*)", re.IGNORECASE)
 _CLOSE = re.compile(rb"\r\nconnection:[ \t]*close", re.IGNORECASE)
 # The timer's period at most: events due meanwhile are written together when it fires (each with
 # its own send time), rather than waking the loop for every one (uvloop's timers round to 1 ms,
@@ -76,14 +77,14 @@ def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-_heads_cache: dict[tuple[int, bool], list[bytes]] = {}
+_heads_cache: dict[tuple[int, bool, bool], list[bytes]] = {}
 _burst_cache: dict[int, bytes] = {}
 
 
-def _heads(events: int, think: bool) -> list[bytes]:
-    key = (events, think)
+def _heads(events: int, think: bool, fingerprint: bool) -> list[bytes]:
+    key = (events, think, fingerprint)
     if key not in _heads_cache:
-        _heads_cache[key] = payloads.event_heads(events, think=think)
+        _heads_cache[key] = payloads.event_heads(events, think=think, fingerprint=fingerprint)
     return _heads_cache[key]
 
 
@@ -127,11 +128,14 @@ class Scheduler:
 
 
 class Stream:
-    __slots__ = ("closed", "heads", "idle", "interval", "protocol", "sent", "start")
+    __slots__ = ("closed", "heads", "idle", "interval", "protocol", "sent", "start", "tail")
 
-    def __init__(self, protocol: UpstreamProtocol, heads: list[bytes], interval: int, idle: bool) -> None:
+    def __init__(
+        self, protocol: UpstreamProtocol, heads: list[bytes], tail: bytes, interval: int, idle: bool
+    ) -> None:
         self.protocol = protocol
         self.heads = heads
+        self.tail = tail
         self.interval = interval
         self.idle = idle
         self.sent = 0
@@ -141,7 +145,7 @@ class Stream:
     def send_next(self) -> int | None:
         """Write the next event now; its successor's due time, or None when none is due."""
         transport = self.protocol.transport
-        event = self.heads[self.sent] + b"%d}\n\n" % time.monotonic_ns()
+        event = self.heads[self.sent] + b"%d%s" % (time.monotonic_ns(), self.tail)
         self.sent += 1
         if self.sent < len(self.heads):
             transport.write(b"%x\r\n%s\r\n" % (len(event), event))
@@ -208,6 +212,9 @@ class UpstreamProtocol(asyncio.Protocol):
         elif not _STREAM.search(body):
             self.transport.write(_JSON_ANSWER)
         else:
+            # A proxy that drops the query string (LiteLLM) forwards x- headers instead.
+            if not query and (match := _QUERY_HEADER.search(head)):
+                query = match.group(1).strip()
             self._start_stream(parse_qs(query.decode("latin-1")))
 
     def _start_stream(self, params: dict[str, list[str]]) -> None:
@@ -223,7 +230,9 @@ class UpstreamProtocol(asyncio.Protocol):
             self.transport.write(_burst_cache[events])
             return
         interval = int(1e9 / rate)
-        stream = Stream(self, _heads(events, think), interval, idle=number("idle", 0) > 0)
+        fingerprint = number("fp", 0) > 0
+        heads = _heads(events, think, fingerprint)
+        stream = Stream(self, heads, payloads.ts_tail(fingerprint), interval, idle=number("idle", 0) > 0)
         self.stream = stream
         self.transport.write(_STREAM_HEAD)
         now = time.monotonic_ns()

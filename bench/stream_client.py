@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from bench import payloads
 
-_TS = re.compile(rb'"' + payloads.TS_FIELD.encode() + rb'":(\d+)')
+_TS = re.compile(rb'"(?:%s|%s)":"?(\d+)' % (payloads.TS_FIELD.encode(), payloads.TS_FINGERPRINT.encode()))
 _CHUNKED = re.compile(rb"\r\ntransfer-encoding:[ \t]*chunked", re.IGNORECASE)
 
 
@@ -206,7 +206,7 @@ def _cpu_seconds() -> float:
 def build_request(host: str, port: int, query: str, body: bytes) -> bytes:
     return (
         f"POST /v1/chat/completions?{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-        f"Content-Type: application/json\r\nAccept: text/event-stream\r\n"
+        f"Content-Type: application/json\r\nAccept: text/event-stream\r\nX-Bench-Query: {query}\r\n"
         f"Authorization: Bearer sk-bench-not-a-key\r\nContent-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 
@@ -222,11 +222,15 @@ async def run_streams(
     idle: bool = False,
     align: bool = False,
     hold: bool = False,
+    fingerprint: bool = False,
     limit_s: float = 120.0,
 ) -> dict[str, Any]:
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    query = f"events={events}&rate={rate:g}&think={int(think)}&idle={int(idle)}&align={int(align)}"
+    query = (
+        f"events={events}&rate={rate:g}&think={int(think)}&idle={int(idle)}&align={int(align)}"
+        f"&fp={int(fingerprint)}"
+    )
     request = build_request(host, port, query, payloads.chat_body(stream=True))
     loop = asyncio.get_running_loop()
     run = Run(streams)
@@ -295,6 +299,9 @@ def main() -> None:
     parser.add_argument("--idle", action="store_true", help="one event, then the stream idles")
     parser.add_argument("--align", action="store_true", help="all streams send on the same ticks")
     parser.add_argument("--hold", action="store_true", help="with --idle: wait for stdin, then close")
+    parser.add_argument(
+        "--fingerprint", action="store_true", help="the send time in system_fingerprint (for LiteLLM)"
+    )
     parser.add_argument("--timeout", type=float, default=120.0)
     args = parser.parse_args()
 
@@ -309,6 +316,7 @@ def main() -> None:
             idle=args.idle,
             align=args.align,
             hold=args.hold,
+            fingerprint=args.fingerprint,
             limit_s=args.timeout,
         )
 

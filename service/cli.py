@@ -115,5 +115,7 @@ def serve(settings: Settings, argv: Sequence[str], sock: socket.socket, guard: l
     loader = AppLoader(factory=partial(_worker_app, settings, sources, os.getpid()))
     app = create_app(settings, sources)
     app.main_process_ready(guard.attach)
-    app.prepare(sock=sock, workers=settings.workers, access_log=False, motd=False)
+    app.prepare(
+        sock=sock, workers=settings.workers, access_log=False, motd=False, backlog=lifecycle.LISTEN_BACKLOG
+    )
     Sanic.serve(primary=app, app_loader=loader)

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from service import __version__
+from service import __version__, cores
 from service.access import parse_keys, read_keys_file
 from service.backends import (
     BACKOFF_CAP,
@@ -35,6 +35,7 @@ from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
+MAX_WORKERS = 256
 DEMO_MODEL_MAP = (
     '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b", '
     '"text-embedding-3-small": "demo-bge-m3"}'
@@ -211,6 +212,15 @@ def _int_between(low: int, high: int) -> Callable[[str], int]:
     return parse
 
 
+def _workers(value: str) -> int:
+    """A number, or ``auto``: one worker per CPU the process may use (service/cores.py)."""
+    if value.strip().lower() == "auto":
+        return min(cores.usable_cpus(), MAX_WORKERS)
+    if not value.strip().isdigit():
+        raise ValueError(f"expected a whole number or auto, got {value!r}")
+    return _int_between(1, MAX_WORKERS)(value)
+
+
 def _seconds(*, zero_ok: bool) -> Callable[[str], float]:
     def parse(value: str) -> float:
         try:
@@ -379,10 +389,10 @@ OPTIONS = (
     _Option(
         "WORKERS",
         "workers",
-        _int_between(1, 256),
-        "Worker processes, 1-256; about one per CPU core to use.",
+        _workers,
+        "Worker processes, 1-256, or auto: one per usable CPU (affinity and cgroup CPU limit).",
         default="1",
-        example="4",
+        example="auto",
         section=_SERVER,
         see="deployment.md#scaling",
     ),

@@ -27,6 +27,8 @@ async def dispatch(
     nothing has reached the client: after the first byte an answer is the client's, good or bad."""
     settings = exchange.settings
     targets = exchange.resolution.targets if exchange.resolution else (Target(""),)
+    if len(targets) == 1 and not settings.retries:  # nothing to fall back on: no bookkeeping
+        return await _attempt(request, exchange, targets[0], body, set(), last=True)
     plan = [(choice, target) for choice, target in enumerate(targets) for _ in range(settings.retries + 1)]
     tried: set[str] = set()
     retry = 0

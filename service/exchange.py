@@ -11,6 +11,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from urllib.parse import quote
 
 import structlog
@@ -56,6 +57,13 @@ def endpoint_of(path: str) -> str:
     return head if head in _ENDPOINTS else "other"
 
 
+@lru_cache(maxsize=256)
+def _header_value(model: str) -> str:
+    """A model id percent-encoded for a header; remembered, since a handful of served ids
+    repeat on every request (bounded: pass-through ids come from clients)."""
+    return quote(model, safe="/:@._-+=")
+
+
 @dataclass(slots=True)
 class Exchange:
     """What one request did, gathered on the way for its log event and metrics."""
@@ -91,7 +99,7 @@ class Exchange:
         tags = {"x-request-id": self.request_id, "x-rerouter-upstream": self.backend}
         served = self.served
         if served and len(served) <= self.settings.max_model_id_length and payload.is_unicode(served):
-            tags["x-rerouter-target-model"] = quote(served, safe="/:@._-+=")
+            tags["x-rerouter-target-model"] = _header_value(served)
         return tags
 
     @property

@@ -53,11 +53,17 @@ def at_exit(cleanup: Callable[[], None]) -> None:
     atexit.register(cleanup)
 
 
+# Connections the kernel may queue before a worker accepts them. Sanic's default, 100, overflows
+# when hundreds of clients open streams at once (they then see resets); nginx uses 511. The
+# kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 1024
+
+
 def listen(host: str, port: int) -> socket.socket:
     """Bind in the main process, before anything is printed: workers inherit the socket, and
     the banner can name the port really bound (LISTEN_PORT=0 picks a free one)."""
     try:
-        return bind_socket(host, port)
+        return bind_socket(host, port, backlog=LISTEN_BACKLOG)
     except OSError as exc:
         reason = exc.strerror or str(exc)
         print(f"openai-model-rerouter: cannot listen on {address(host, port)}: {reason}", file=sys.stderr)
