@@ -22,8 +22,9 @@ import yaml
 from service import __version__
 from service.access import parse_keys, read_keys_file
 from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
-from service.mapping import MappingError, ModelMap, is_regex_key
+from service.mapping import MappingError, ModelMap
 from service.params import ParamPolicy, ParamsError
+from service.patterns import compile_key, is_regex_key
 from service.payload import Policy
 from service.thinking import ThinkingPolicy
 
@@ -136,10 +137,7 @@ def parse_thinking_scope(value: str) -> bool | re.Pattern[str]:
     stripped = value.strip()
     if not is_regex_key(stripped):
         return parse_bool(stripped)
-    try:
-        return re.compile(stripped[1:-1])
-    except re.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from None
+    return compile_key(stripped)
 
 
 def parse_bool(value: str) -> bool:
