@@ -26,6 +26,7 @@ from service.mapping import MappingError, ModelMap
 from service.params import ParamPolicy, ParamsError
 from service.patterns import compile_key, is_regex_key
 from service.payload import Policy
+from service.reasoning import DEFAULT_TAGS, ThinkTags
 from service.thinking import ThinkingPolicy
 
 DEMO_MODEL_MAP = '{"gpt-3.5-turbo-16k": "demo-qwen3-4b", "/gpt-4.*/": "demo-qwen3-4b"}'
@@ -43,6 +44,7 @@ class Settings:
     disable_thinking: bool | re.Pattern[str] = False
     thinking_switch: str = "suffix"
     think_output: str | None = None
+    think_tags: ThinkTags = DEFAULT_TAGS
     listen_host: str = "0.0.0.0"
     listen_port: int = 1234
     workers: int = 1
@@ -242,6 +244,12 @@ OPTIONS = (
         "think_output",
         _choice("strip", "keep", "reasoning"),
         "<think> blocks in answers: strip, keep or reasoning (default: strip where disabled)",
+    ),
+    _Option(
+        "THINK_TAGS",
+        "think_tags",
+        ThinkTags.parse,
+        "comma-separated tag names that open a leading reasoning block, e.g. think,thinking (default think)",
     ),
     _Option("LISTEN_HOST", "listen_host", _nonempty, "address to listen on (default 0.0.0.0)"),
     _Option("LISTEN_PORT", "listen_port", _int_between(0, 65535), "port (default 1234)"),

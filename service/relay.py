@@ -20,7 +20,7 @@ from service import access, payload, renaming, upstream
 from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
-from service.reasoning import ThinkStream, transform_message
+from service.reasoning import ThinkStream, ThinkTags, transform_message
 
 log = structlog.get_logger("rerouter")
 
@@ -127,7 +127,9 @@ async def relay(
             if transform and json_answer:
                 data = _transformed(data, think, chat, rename, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
-        stream = _stream_filter(think, chat, rename) if transform and event_stream else None
+        stream = (
+            _stream_filter(think, chat, rename, settings.think_tags) if transform and event_stream else None
+        )
         await _stream(request, exchange, answer, headers, gap, stream)
         return None
 
@@ -138,9 +140,9 @@ def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchan
     return renaming.rename_json(data, rename) if rename is not None else data
 
 
-def _stream_filter(think: str, chat: bool, rename: str | None) -> StreamFilter:
+def _stream_filter(think: str, chat: bool, rename: str | None, tags: ThinkTags) -> StreamFilter:
     """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out)."""
-    stripper = ThinkStream(think, chat) if think != "keep" else None
+    stripper = ThinkStream(think, chat, tags) if think != "keep" else None
     renamer = renaming.RenameStream(rename) if rename is not None else None
     return StreamFilter(stripper, renamer)
 
@@ -152,7 +154,7 @@ def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> by
         return data
     if not isinstance(body, dict):
         return data
-    exchange.think_blocks = transform_message(body, mode, chat)
+    exchange.think_blocks = transform_message(body, mode, chat, exchange.settings.think_tags)
     return payload.dumps(body) if exchange.think_blocks else data
 
 

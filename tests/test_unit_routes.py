@@ -260,3 +260,12 @@ def test_describe_shows_each_routes_effective_policy() -> None:
         "    thinking off (DISABLE_THINKING); think blocks: strip (thinking off)",
         "    params: defaults temperature=1.0, top_k=20; drop user",
     ]
+
+
+def test_aliases_resolve_once_a_target_is_never_looked_up_again() -> None:
+    model_map = ModelMap.parse({"gpt-4o": "smart", "smart": "qwen3-32b", "/s.*/": "other"})
+    assert model_map.resolve("gpt-4o").targets == (Target("smart"),)
+    policy = payload.Policy(ThinkingPolicy(False))
+    raw = orjson.dumps({"model": "gpt-4o", "messages": []})
+    rewritten = payload.rewrite(raw, "application/json", "chat/completions", model_map, policy)
+    assert orjson.loads(rewritten.body)["model"] == "smart"
