@@ -225,7 +225,8 @@ OPTIONS = (
         "MODEL_MAP",
         "model_map",
         parse_model_map,
-        'JSON object: source id or /regex/ -> target id, {"model", "upstream"}, or a fallback list',
+        'JSON object: source id or /regex/ -> target id, {"model", "upstream", "thinking", '
+        '"think_output", "params"}, or a fallback list',
     ),
     _Option(
         "DISABLE_THINKING",
