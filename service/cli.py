@@ -68,7 +68,8 @@ def _demo_banner(settings: Settings, port: int) -> str:
 
 def describe(settings: Settings, model: str) -> str:
     """What `resolve` prints: the rule that matched, then each target in the order tried, with
-    its backend's URLs and the parameter policy that applies to it."""
+    its backend's URLs, its thinking and think-block handling (and what decided them), and the
+    parameters that apply to it once its route's own are layered over MODEL_PARAMS."""
     resolution = settings.model_map.resolve(model)
     rule = "no rule (passed through)" if resolution.rule is None else f"rule {resolution.rule!r}"
     lines = []
@@ -79,7 +80,8 @@ def describe(settings: Settings, model: str) -> str:
             lines.append(f"{model} -> {target.model}  [{rule}; {where}]")
         else:
             lines.append(f"  then {target.model}  [{where}]")
-        params = settings.model_params.rule_for(target.model)
+        lines.append(f"    {settings.thinking.explain(target.model, target.route)}")
+        params = settings.model_params.rule_for(target.model, target.route.params)
         if params is not None:
             lines.append(f"    params: {params.describe()}")
     return "\n".join(lines)

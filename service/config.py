@@ -30,9 +30,11 @@ from service.backends import (
     parse_upstreams,
     with_default,
 )
-from service.mapping import MappingError, ModelMap, is_regex_key
+from service.mapping import MappingError, ModelMap
 from service.params import ParamPolicy, ParamsError
+from service.patterns import compile_key, is_regex_key
 from service.payload import Policy
+from service.reasoning import DEFAULT_TAGS, ThinkTags
 from service.thinking import ThinkingPolicy
 
 MAX_WORKERS = 256
@@ -54,6 +56,7 @@ class Settings:
     disable_thinking: bool | re.Pattern[str] = False
     thinking_switch: str = "suffix"
     think_output: str | None = None
+    think_tags: ThinkTags = DEFAULT_TAGS
     listen_host: str = "0.0.0.0"
     listen_port: int = 1234
     workers: int = 1
@@ -184,10 +187,7 @@ def parse_thinking_scope(value: str) -> bool | re.Pattern[str]:
     stripped = value.strip()
     if not is_regex_key(stripped):
         return parse_bool(stripped)
-    try:
-        return re.compile(stripped[1:-1])
-    except re.error as exc:
-        raise ValueError(f"invalid regular expression: {exc}") from None
+    return compile_key(stripped)
 
 
 def parse_bool(value: str) -> bool:
@@ -329,7 +329,8 @@ OPTIONS = (
         "model_map",
         parse_model_map,
         "JSON object: requested id or /regex/ -> target id, "
-        '{"model", "upstream"}, or a list of those tried in order. Unmatched ids pass through.',
+        '{"model", "upstream", "thinking", "think_output", "params"}, or a list of those tried in '
+        "order. Unmatched ids pass through.",
         default="{}",
         example='{"gpt-3.5-turbo-16k": "qwen3-4b", "/gpt-4.*/": "qwen3-14b"}',
         section=_ROUTING,
@@ -405,6 +406,17 @@ OPTIONS = (
         example="console",
         section=_OBSERVE,
         see="logging.md",
+    ),
+    _Option(
+        "THINK_TAGS",
+        "think_tags",
+        ThinkTags.parse,
+        "Comma-separated tag names that open a leading reasoning block; each block ends with its "
+        "own closing tag.",
+        default="think",
+        example="think,thinking,reasoning",
+        section=_THINKING,
+        see="thinking.md",
     ),
     _Option(
         "LOG_LEVEL",

@@ -77,7 +77,7 @@ async def _attempt(
     exchange.target, exchange.backend = target, backend.name
     think = "keep"
     if request.method == "POST" and exchange.endpoint in payload.COMPLETION_ENDPOINTS:
-        think = settings.thinking.output_for(target.model)
+        think = settings.thinking.output_for(target.model, target.route)
     source = exchange.resolution.source if exchange.resolution else None
     rename = source if settings.response_model == "requested" and source != target.model else None
     healthy: bool | None = None  # unknown: the client left, or its request was refused here

@@ -1,19 +1,25 @@
 """Model id rewriting: exact aliases first, then whole-id regexes in the order written.
 
-A target is a model id on a named upstream backend ("default" unless written); a list of targets
-is a fallback order, tried first to last by whoever forwards the request.
+A target is a model id on a named upstream backend ("default" unless written), with the route's
+own settings (``service.routes``); a list of targets is a fallback order, tried first to last by
+whoever forwards the request. Aliases resolve once: a target is never looked up again, so a
+target that is itself a key elsewhere in the map is still sent upstream as written.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+
+from service import routes
+from service.patterns import compile_key, is_regex_key
+from service.routes import NO_ROUTE, Route
 
 _RESOLVED_MAX = 4096
 _GROUP_REF = re.compile(r"\\(?:g<([^>]*)>|(\d+))")
-_TARGET_FIELDS = ("model", "upstream")
-_ITEM_SHAPE = 'a non-empty string or an object {"model", "upstream"}'
+_TARGET_FIELDS = ("model", "upstream", *routes.FIELDS)
+_ITEM_SHAPE = 'a non-empty string or an object {"model", "upstream", ...}'
 
 
 class MappingError(ValueError):
@@ -22,10 +28,12 @@ class MappingError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One place a request can go: a model id on a named upstream backend."""
+    """One place a request can go: a model id on a named upstream backend, by a route whose own
+    settings may differ from another route's to the same model."""
 
     model: str
     upstream: str = "default"
+    route: Route = NO_ROUTE
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +99,7 @@ class ModelMap:
         for rule in self.regexes:
             match = rule.pattern.fullmatch(model)
             if match is not None:
-                expanded = tuple(Target(match.expand(t.model), t.upstream) for t in rule.targets)
+                expanded = tuple(replace(t, model=match.expand(t.model)) for t in rule.targets)
                 return Resolution(model, expanded, rule.key)
         return Resolution(model, (Target(model),), None)
 
@@ -133,10 +141,6 @@ class ModelMap:
                 yield rule.key, target
 
 
-def is_regex_key(key: str) -> bool:
-    return len(key) >= 2 and key.startswith("/") and key.endswith("/")
-
-
 def _parse_targets(key: str, value: object) -> tuple[Target, ...]:
     """One target, or a fallback list of them; lists do not nest."""
     if not isinstance(value, list):
@@ -148,7 +152,8 @@ def _parse_targets(key: str, value: object) -> tuple[Target, ...]:
         if isinstance(item, list):
             raise MappingError(f"key {key!r}: fallback list item {index} is a list; lists do not nest")
         target = _parse_target(key, item, f"fallback list item {index}", _ITEM_SHAPE)
-        if target in targets:
+        # Route settings aside: one backend's model twice is a retry, which RETRIES says.
+        if any((t.model, t.upstream) == (target.model, target.upstream) for t in targets):
             raise MappingError(
                 f"key {key!r}: fallback list names model {target.model!r} "
                 f"on upstream {target.upstream!r} twice"
@@ -174,14 +179,18 @@ def _parse_target(key: str, value: object, where: str, shape: str) -> Target:
         raise MappingError(f'key {key!r}: {where} "model" must be a non-empty string')
     if not isinstance(upstream, str) or not upstream:
         raise MappingError(f'key {key!r}: {where} "upstream" must be a non-empty string')
-    return Target(model, upstream)
+    try:
+        route = routes.parse_route(value)
+    except ValueError as exc:
+        raise MappingError(f"key {key!r}: {where} {exc}") from None
+    return Target(model, upstream, route)
 
 
 def _compile_rule(key: str, targets: tuple[Target, ...]) -> _RegexRule:
     try:
-        pattern = re.compile(key[1:-1])
-    except re.error as exc:
-        raise MappingError(f"key {key!r}: invalid regular expression: {exc}") from None
+        pattern = compile_key(key)
+    except ValueError as exc:
+        raise MappingError(f"key {key!r}: {exc}") from None
     # The same groups plus an empty alternative: a match to try each target's expansion on.
     probe = re.compile(f"(?:{pattern.pattern})|").match("")
     for target in targets:

@@ -198,16 +198,18 @@ def _rewrite_json(
     choice: int,
     completion: str | None = None,
 ) -> Rewritten:
-    """The model, then (completions only) the thinking switch, then the parameter policy."""
+    """The model, then (completions only) the thinking switch, then the parameter policy, each
+    as the chosen target's route and the settings ask."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
     resolution, changed = _resolve_in(body, model_map, choice, policy.max_model_id)
     if resolution is not None:
-        target = resolution.targets[choice].model
+        target = resolution.targets[choice]
         if completion is not None:
-            changed = policy.thinking.apply(body, target, chat=completion == "chat/completions") or changed
-        if policy.params:
-            changed = policy.params.apply(body, target) or changed
+            chat = completion == "chat/completions"
+            changed = policy.thinking.apply(body, target.model, chat, target.route) or changed
+        if policy.params or target.route.params is not None:
+            changed = policy.params.apply(body, target.model, target.route.params) or changed
     elif completion is not None:
         changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
     # A key named twice: the upstream gets what the proxy read, not a parse of its own.

@@ -3,7 +3,9 @@
 Qwen3 answers ``/no_think`` with an empty ``<think>\\n\\n</think>\\n\\n`` before the text, and
 other reasoning models lead with a full block; users who turned thinking off want clean answers.
 Only a leading block counts (after optional whitespace); a ``<think>`` later in the text is
-content. The whitespace right after ``</think>`` is dropped.
+content. The whitespace right after ``</think>`` is dropped. Models that name the block otherwise
+(``<thinking>``, ``<reasoning>``) are covered by THINK_TAGS (``ThinkTags``): any of its tags opens
+a block, and only the same tag's closing tag ends it.
 
 A ``</think>`` without an opening tag counts only when nothing but whitespace comes before it.
 Templates that open the block in the prompt (DeepSeek-R1's) lead with bare reasoning: telling
@@ -14,6 +16,8 @@ stream must not do, and whole answers follow the same rule so both paths agree.
 from __future__ import annotations
 
 import enum
+import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -21,9 +25,64 @@ import orjson
 from service.sse import DEFAULT_MAX_EVENT, EventFilter, SSEEvent, encode_data
 
 MODES = ("strip", "reasoning")
-OPEN = "<think>"
-CLOSE = "</think>"
 _ENVELOPE = ("id", "object", "created", "model")
+_TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,31}")
+_MAX_TAGS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ThinkTags:
+    """The tags that open a leading reasoning block; each block ends with its own closing tag.
+
+    No tag is a prefix of another (names cannot hold ``>``), so at most one opens a given text.
+    """
+
+    names: tuple[str, ...]
+    opens: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    closes: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    # Every proper prefix of every tag: one set lookup tells whether held text may still
+    # become a tag, however many tags there are.
+    prefixes: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        opens = tuple(f"<{name}>" for name in self.names)
+        closes = tuple(f"</{name}>" for name in self.names)
+        object.__setattr__(self, "opens", opens)
+        object.__setattr__(self, "closes", closes)
+        prefixes = {tag[:size] for tag in opens + closes for size in range(1, len(tag))}
+        object.__setattr__(self, "prefixes", frozenset(prefixes))
+
+    @classmethod
+    def parse(cls, value: str) -> ThinkTags:
+        """THINK_TAGS: comma-separated names (``think,thinking``); ValueError names a bad one."""
+        names = [name.strip() for name in value.split(",") if name.strip()]
+        if not names:
+            raise ValueError("holds no tag name")
+        for name in names:
+            if not _TAG_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a tag name (a letter, then up to 31 letters, digits or _.:-; "
+                    "write think, not <think>)"
+                )
+        unique = tuple(dict.fromkeys(names))
+        if len(unique) > _MAX_TAGS:
+            raise ValueError(f"at most {_MAX_TAGS} tags, got {len(unique)}")
+        return cls(unique)
+
+    def opening(self, text: str) -> tuple[str, str] | None:
+        """(opening, closing) tag when ``text`` starts with an opening tag."""
+        if not text.startswith(self.opens):
+            return None
+        return next((o, c) for o, c in zip(self.opens, self.closes, strict=True) if text.startswith(o))
+
+    def closing(self, text: str) -> str | None:
+        """The closing tag ``text`` starts with, if any."""
+        if not text.startswith(self.closes):
+            return None
+        return next(c for c in self.closes if text.startswith(c))
+
+
+DEFAULT_TAGS = ThinkTags(("think",))
 
 
 def _check_mode(mode: str) -> None:
@@ -31,26 +90,29 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"think mode must be one of {', '.join(MODES)}, not {mode!r}")
 
 
-def split_think(text: str) -> tuple[str | None, str]:
+def split_think(text: str, tags: ThinkTags = DEFAULT_TAGS) -> tuple[str | None, str]:
     """(reasoning, content) of a whole answer; reasoning is None when it has no block."""
     rest = text.lstrip()
-    if rest.startswith(OPEN):
-        inner = rest[len(OPEN) :]
-        end = inner.find(CLOSE)
+    pair = tags.opening(rest)
+    if pair is not None:
+        inner = rest[len(pair[0]) :]
+        end = inner.find(pair[1])
         if end < 0:
             return inner, ""
-        return inner[:end], inner[end + len(CLOSE) :].lstrip()
-    if rest.startswith(CLOSE):
-        return text[: len(text) - len(rest)], rest[len(CLOSE) :].lstrip()
+        return inner[:end], inner[end + len(pair[1]) :].lstrip()
+    close = tags.closing(rest)
+    if close is not None:
+        return text[: len(text) - len(rest)], rest[len(close) :].lstrip()
     return None, text
 
 
-def _partial_close(text: str) -> int:
-    """Length of the longest end of ``text`` that the next feed could complete into ``</think>``."""
-    for size in range(min(len(CLOSE) - 1, len(text)), 0, -1):
-        if text.endswith(CLOSE[:size]):
-            return size
-    return 0
+def _partial_close(text: str, close: str) -> int:
+    """Length of the longest end of ``text`` that the next feed could complete into ``close``.
+
+    A tag holds one ``<``, its first character, so only the text from the last ``<`` can be one.
+    """
+    start = text.rfind("<", max(0, len(text) - len(close) + 1))
+    return len(text) - start if start >= 0 and close.startswith(text[start:]) else 0
 
 
 class _State(enum.Enum):
@@ -63,7 +125,9 @@ class _State(enum.Enum):
 class ThinkFilter:
     """split_think for a stream: holds back only a possible tag or whitespace that may precede one."""
 
-    def __init__(self) -> None:
+    def __init__(self, tags: ThinkTags = DEFAULT_TAGS) -> None:
+        self._tags = tags
+        self._close = ""  # the closing tag of the block opened
         self._state = _State.START
         self._held = ""
         self.found = False
@@ -87,24 +151,26 @@ class ThinkFilter:
             held = self._held
             if self._state is _State.START:
                 rest = held.lstrip()
-                if rest.startswith(OPEN):
-                    self._enter(_State.THINK, rest[len(OPEN) :])
-                elif rest.startswith(CLOSE):
+                tags = self._tags
+                if rest.startswith(tags.opens):
+                    opening, self._close = tags.opening(rest) or ("", "")
+                    self._enter(_State.THINK, rest[len(opening) :])
+                elif rest.startswith(tags.closes):
                     reasoning += held[: len(held) - len(rest)]
-                    self._enter(_State.AFTER, rest[len(CLOSE) :])
-                elif not rest or OPEN.startswith(rest) or CLOSE.startswith(rest):
+                    self._enter(_State.AFTER, rest[len(tags.closing(rest) or "") :])
+                elif not rest or rest in tags.prefixes:
                     return reasoning, ""
                 else:
                     self._held, self._state = "", _State.CONTENT
                     return reasoning, held
             elif self._state is _State.THINK:
-                end = held.find(CLOSE)
+                end = held.find(self._close)
                 if end < 0:
-                    keep = len(held) - _partial_close(held)
+                    keep = len(held) - _partial_close(held, self._close)
                     self._held = held[keep:]
                     return reasoning + held[:keep], ""
                 reasoning += held[:end]
-                self._enter(_State.AFTER, held[end + len(CLOSE) :])
+                self._enter(_State.AFTER, held[end + len(self._close) :])
             else:
                 rest = held.lstrip()
                 self._held = ""
@@ -117,7 +183,7 @@ class ThinkFilter:
         self._state, self._held = state, held
 
 
-def transform_message(body: dict[str, Any], mode: str, chat: bool) -> int:
+def transform_message(body: dict[str, Any], mode: str, chat: bool, tags: ThinkTags = DEFAULT_TAGS) -> int:
     """Rewrite a non-streamed response in place; the number of think blocks removed.
 
     An upstream that already filled ``reasoning_content`` (its own reasoning parser) keeps it;
@@ -133,7 +199,7 @@ def transform_message(body: dict[str, Any], mode: str, chat: bool) -> int:
         key = "content" if chat else "text"
         if not isinstance(holder, dict) or not isinstance(holder.get(key), str):
             continue
-        reasoning, content = split_think(holder[key])
+        reasoning, content = split_think(holder[key], tags)
         if reasoning is None:
             continue
         holder[key] = content
@@ -170,11 +236,14 @@ class ThinkStream(EventFilter):
     choice's finish_reason, or in a chunk of its own before ``[DONE]`` or at the end.
     """
 
-    def __init__(self, mode: str, chat: bool, max_event: int = DEFAULT_MAX_EVENT) -> None:
+    def __init__(
+        self, mode: str, chat: bool, tags: ThinkTags = DEFAULT_TAGS, max_event: int = DEFAULT_MAX_EVENT
+    ) -> None:
         _check_mode(mode)
         super().__init__(max_event)
         self._keep_reasoning = mode == "reasoning"
         self._chat = chat
+        self._tags = tags
         self._filters: dict[int, ThinkFilter] = {}
         self._envelope: dict[str, Any] = {}
         self.stripped = 0
@@ -217,7 +286,7 @@ class ThinkStream(EventFilter):
         reasoning = content = ""
         if isinstance(original, str):
             if think is None:
-                think = self._filters[index] = ThinkFilter()
+                think = self._filters[index] = ThinkFilter(self._tags)
             found = think.found
             reasoning, content = think.feed(original)
             if think.found and not found:

@@ -20,7 +20,7 @@ from service import access, payload, renaming, upstream
 from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
-from service.reasoning import ThinkStream, transform_message
+from service.reasoning import ThinkStream, ThinkTags, transform_message
 
 log = structlog.get_logger("rerouter")
 
@@ -128,7 +128,7 @@ async def relay(
                 data = _transformed(data, think, chat, rename, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
         stream = (
-            _stream_filter(think, chat, rename, settings.max_sse_event_bytes)
+            _stream_filter(think, chat, rename, settings.think_tags, settings.max_sse_event_bytes)
             if transform and event_stream
             else None
         )
@@ -142,10 +142,12 @@ def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchan
     return renaming.rename_json(data, rename) if rename is not None else data
 
 
-def _stream_filter(think: str, chat: bool, rename: str | None, max_event: int) -> StreamFilter:
+def _stream_filter(
+    think: str, chat: bool, rename: str | None, tags: ThinkTags, max_event: int
+) -> StreamFilter:
     """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out), each
     holding at most ``max_event`` bytes of an event (MAX_SSE_EVENT_BYTES)."""
-    stripper = ThinkStream(think, chat, max_event) if think != "keep" else None
+    stripper = ThinkStream(think, chat, tags, max_event) if think != "keep" else None
     renamer = renaming.RenameStream(rename, max_event) if rename is not None else None
     return StreamFilter(stripper, renamer)
 
@@ -157,7 +159,7 @@ def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> by
         return data
     if not isinstance(body, dict):
         return data
-    exchange.think_blocks = transform_message(body, mode, chat)
+    exchange.think_blocks = transform_message(body, mode, chat, exchange.settings.think_tags)
     return payload.dumps(body) if exchange.think_blocks else data
 
 

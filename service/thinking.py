@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from service.routes import NO_ROUTE, Route
+
 NO_THINK = "/no_think"
 
 
@@ -83,29 +85,46 @@ def disable_in_template(body: dict[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class ThinkingPolicy:
-    """Which target models get thinking switched off, how, and what happens to think blocks.
+    """Which requests get thinking switched off, how, and what happens to think blocks.
 
-    ``disable`` is True/False for every model, or a pattern the whole target id must match.
-    ``output`` None means: strip think blocks where thinking was disabled, keep them elsewhere.
+    ``disable`` is True/False for every model, or a pattern the whole target id must match; a
+    route's own ``thinking`` (on/off) overrides it. ``output`` None means: strip think blocks
+    where thinking was switched off, keep them elsewhere; a route's ``think_output`` wins over it.
     """
 
     disable: bool | re.Pattern[str] = False
     switch: str = "suffix"
     output: str | None = None
 
-    def disabled_for(self, model: str) -> bool:
+    def disabled_for(self, model: str, route: Route = NO_ROUTE) -> bool:
+        if route.thinking is not None:
+            return route.thinking == "off"
         if isinstance(self.disable, bool):
             return self.disable
         return self.disable.fullmatch(model) is not None
 
-    def output_for(self, model: str) -> str:
+    def output_for(self, model: str, route: Route = NO_ROUTE) -> str:
+        if route.think_output is not None:
+            return route.think_output
         if self.output is not None:
             return self.output
-        return "strip" if self.disabled_for(model) else "keep"
+        return "strip" if self.disabled_for(model, route) else "keep"
 
-    def apply(self, body: dict[str, Any], model: str, chat: bool) -> bool:
+    def explain(self, model: str, route: Route = NO_ROUTE) -> str:
+        """One line for `resolve`: thinking and think blocks for this route, and who decided."""
+        off = self.disabled_for(model, route)
+        thinking = f"thinking {'off' if off else 'on'} ({'route' if route.thinking else 'DISABLE_THINKING'})"
+        if route.think_output is not None:
+            why = "route"
+        elif self.output is not None:
+            why = "THINK_OUTPUT"
+        else:
+            why = f"thinking {'off' if off else 'on'}"
+        return f"{thinking}; think blocks: {self.output_for(model, route)} ({why})"
+
+    def apply(self, body: dict[str, Any], model: str, chat: bool, route: Route = NO_ROUTE) -> bool:
         """Switch thinking off in a request for ``model``; True when the body changed."""
-        if not self.disabled_for(model):
+        if not self.disabled_for(model, route):
             return False
         changed = False
         if self.switch in ("suffix", "both"):

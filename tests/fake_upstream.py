@@ -26,6 +26,8 @@ model it is asked for, so one server covers every case:
   (``{"id": ...``) so anything that re-encodes an event shows. ``qwen3-think...-chunked``
   sends its non-streamed JSON without Content-Length, in chunked transfer encoding (as Go's
   net/http does for bodies over 2 KB, e.g. Ollama);
+- ``qwen3-think...-tag-<name>``: the same, with its block named ``<name>`` (``<thinking>``)
+  instead of ``<think>``;
 - ``qwen3-instruct...``: the same model without thinking: the same answers and events, no tags;
 - ``paced-<n>x<ms>``: paced answers for timeout tests. Streamed: ``n`` events with ``ms``
   milliseconds of silence between them, then ``[DONE]``. Not streamed: the JSON answer, sent
@@ -233,6 +235,9 @@ class FakeUpstream:
         think = QWEN_FULL_THINK if _thinking_on(body, chat) else QWEN_EMPTY_THINK
         if not is_qwen_thinker(model):
             think = ""
+        _, tagged, tag = model.removesuffix("-chunked").rpartition("-tag-")
+        if tagged:
+            think = think.replace("think>", f"{tag}>")
         texts = [think + qwen_answer(model, index) for index in range(n)]
         envelope = {
             "id": QWEN_ID if chat else QWEN_TEXT_ID,

@@ -201,7 +201,8 @@ MAP = '{"gpt-3.5-turbo-16k": "qwen3-4b", "/gpt-4(.*)/": "q4\\\\1"}'
 )
 def test_resolve_prints_rule_target_and_upstream(model: str, line: str) -> None:
     result = run("resolve", model, UPSTREAM_URL="http://h:8000/v1", MODEL_MAP=MAP)
-    assert (result.code, result.out.strip(), result.err) == (0, line, "")
+    policy = "    thinking on (DISABLE_THINKING); think blocks: keep (thinking on)"
+    assert (result.code, result.out.splitlines(), result.err) == (0, [line, policy], "")
 
 
 def test_check_accepts_valid_settings_and_refuses_bad_ones() -> None:
@@ -226,9 +227,35 @@ def test_resolve_lists_every_target_with_its_backend_and_params() -> None:
     assert (result.code, result.err) == (0, "")
     assert result.out.splitlines() == [
         "gpt-4o -> qwen3-32b  [rule 'gpt-4o'; upstream big: http://a:8000, http://b:8000]",
-        "    params: defaults temperature; drop logit_bias",
+        "    thinking on (DISABLE_THINKING); think blocks: keep (thinking on)",
+        "    params: defaults temperature=0.7; drop logit_bias",
         "  then qwen3-4b  [upstream default: http://h:8000]",
+        "    thinking on (DISABLE_THINKING); think blocks: keep (thinking on)",
     ]
+
+
+def test_resolve_shows_each_fallback_routes_own_policy_and_check_refuses_a_bad_one() -> None:
+    routes = (
+        '{"qwen3-fast": [{"model": "qwen3-32b", "thinking": "off", "params": {"overrides": {"top_p": 0.8}}},'
+        ' {"model": "qwen3-4b", "think_output": "reasoning"}]}'
+    )
+    result = run("resolve", "qwen3-fast", UPSTREAM_URL="http://h:8000", MODEL_MAP=routes)
+    assert (result.code, result.err) == (0, "")
+    assert result.out.splitlines() == [
+        "qwen3-fast -> qwen3-32b  [rule 'qwen3-fast'; upstream default: http://h:8000]",
+        "    thinking off (route); think blocks: strip (thinking off)",
+        "    params: overrides top_p=0.8",
+        "  then qwen3-4b  [upstream default: http://h:8000]",
+        "    thinking on (DISABLE_THINKING); think blocks: reasoning (route)",
+    ]
+    bad = run(
+        "check", UPSTREAM_URL="http://h:8000", MODEL_MAP='{"qwen3-fast": {"model": "m", "thinking": "no"}}'
+    )
+    assert bad.code == 2
+    assert bad.err.strip() == (
+        "openai-model-rerouter: MODEL_MAP: key 'qwen3-fast': "
+        'target "thinking" must be "on" or "off", got \'no\''
+    )
 
 
 def test_check_names_every_backend_and_refuses_an_unknown_one() -> None:

@@ -12,7 +12,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.reasoning import ThinkFilter, ThinkStream, split_think, transform_message
+from service.config import ConfigError, load_settings
+from service.reasoning import (
+    DEFAULT_TAGS,
+    ThinkFilter,
+    ThinkStream,
+    ThinkTags,
+    split_think,
+    transform_message,
+)
 from service.sse import SSEParser, encode_data
 
 QWEN3_EMPTY = "<think>\n\n</think>\n\n"
@@ -25,8 +33,8 @@ def split_at(text: AnyStr, cuts: list[int]) -> list[AnyStr]:
     return [text[start:end] for start, end in itertools.pairwise(bounds)]
 
 
-def filtered(pieces: list[str]) -> tuple[str, str]:
-    think = ThinkFilter()
+def filtered(pieces: list[str], tags: ThinkTags = DEFAULT_TAGS) -> tuple[str, str]:
+    think = ThinkFilter(tags)
     outputs = [think.feed(piece) for piece in pieces] + [think.finish()]
     return "".join(r for r, _ in outputs), "".join(c for _, c in outputs)
 
@@ -397,3 +405,116 @@ def test_a_crlf_stream_cut_between_cr_and_lf_gives_the_same_bytes_at_every_cut()
     for cut in range(1, len(stream)):
         split = ThinkStream("strip", chat=True)
         assert split.feed(stream[:cut]) + split.feed(stream[cut:]) + split.close() == expected, cut
+
+
+# --- THINK_TAGS: other names for the block ----------------------------------------------------------
+
+SEVERAL = ThinkTags.parse("think, thinking,reasoning")
+
+
+def test_think_tags_parse_names_and_refuse_what_is_not_a_tag_name() -> None:
+    assert SEVERAL.names == ("think", "thinking", "reasoning")
+    assert SEVERAL.opens == ("<think>", "<thinking>", "<reasoning>")
+    assert ThinkTags.parse("think,think") == DEFAULT_TAGS
+    for bad in (
+        "",
+        " , ",
+        "<think>",
+        "think>",
+        "9lives",
+        "a b",
+        "x" * 33,
+        ",".join(f"t{i}" for i in range(17)),
+    ):
+        with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the fault
+            ThinkTags.parse(bad)
+
+
+def test_split_think_with_several_tags_closes_only_with_the_opening_tag() -> None:
+    assert split_think("<thinking>a</thinking>\n\nb", SEVERAL) == ("a", "b")
+    assert split_think(" <reasoning>r</reasoning>b", SEVERAL) == ("r", "b")
+    assert split_think("<thinking>a</think>b</thinking>c", SEVERAL) == ("a</think>b", "c")
+    assert split_think("<think>a</thinking>b", SEVERAL) == ("a</thinking>b", "")
+    assert split_think("\n</reasoning>\nb", SEVERAL) == ("\n", "b")
+    assert split_think("<thinking>a</thinking>b") == (None, "<thinking>a</thinking>b")
+    assert split_think("<thought>a</thought>b", SEVERAL) == (None, "<thought>a</thought>b")
+
+
+def test_filter_with_several_tags_holds_a_split_tag_until_it_can_tell() -> None:
+    think = ThinkFilter(SEVERAL)
+    assert think.feed(" <think") == ("", "")  # <think> or <thinking>: not known yet
+    assert think.feed("ing>a</think") == ("a", "")
+    assert think.feed(">b</thinki") == ("</think>b", "")
+    assert think.feed("ng>\n") == ("", "")
+    assert think.feed("Hi") == ("", "Hi")
+    other = ThinkFilter(SEVERAL)
+    assert other.feed("<reas") == ("", "")
+    assert other.feed("on>x") == ("", "<reason>x")
+
+
+several_fragments = st.sampled_from(
+    [
+        "<think>", "</think>", "<thinking>", "</thinking>", "<reasoning>", "</reasoning>",
+        "<th", "ink", "ing>", "</thi", "nk>", "<reas", "oning>", "<", "/", ">", " ", "\n", "a", "é",
+    ]
+)  # fmt: skip
+several_answers = st.lists(several_fragments, max_size=16).map("".join)
+tag_sets = st.sampled_from(["think", "thinking,think", "reasoning,think,thinking"]).map(ThinkTags.parse)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), text=several_answers, tags=tag_sets)
+def test_filter_with_any_tags_agrees_with_split_think_for_any_split(
+    data: st.DataObject, text: str, tags: ThinkTags
+) -> None:
+    cuts = data.draw(st.lists(st.integers(0, len(text)), max_size=10))
+    reasoning, content = split_think(text, tags)
+    assert filtered(split_at(text, cuts), tags) == (reasoning or "", content)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=st.data(),
+    answers_per_choice=st.lists(several_answers, min_size=1, max_size=2),
+    tags=tag_sets,
+    mode=st.sampled_from(["strip", "reasoning"]),
+    chat=st.booleans(),
+)
+def test_stream_with_any_tags_gives_the_split_of_any_chunked_answer(
+    data: st.DataObject, answers_per_choice: list[str], tags: ThinkTags, mode: str, chat: bool
+) -> None:
+    events = []
+    for index, text in enumerate(answers_per_choice):
+        for piece in split_at(text, data.draw(st.lists(st.integers(0, len(text)), max_size=6))):
+            events.append(chat_chunk(piece, index=index) if chat else text_chunk(piece, index=index))
+    events += [
+        chat_chunk(index=i, finish="stop") if chat else text_chunk("", i, "stop")
+        for i in range(len(answers_per_choice))
+    ]
+    upstream = b"".join([*events, DONE])
+    cuts = data.draw(st.lists(st.integers(0, len(upstream)), max_size=12))
+
+    output = run(ThinkStream(mode, chat, tags), *split_at(upstream, cuts))
+
+    assert payloads(output)[-1] == "[DONE]"
+    for index, text in enumerate(answers_per_choice):
+        reasoning, content = split_think(text, tags)
+        assert texts(output, "content" if chat else "text", index, chat) == content
+        expected = reasoning or "" if mode == "reasoning" else ""
+        assert texts(output, "reasoning_content", index, chat) == expected
+
+
+def test_whole_answers_use_the_tags_given() -> None:
+    body = {"choices": [{"index": 0, "message": {"content": "<thinking>why</thinking>\n\nA"}}]}
+    assert transform_message(body, "reasoning", chat=True) == 0
+    assert transform_message(body, "reasoning", chat=True, tags=SEVERAL) == 1
+    assert body["choices"][0]["message"] == {"content": "A", "reasoning_content": "why"}
+
+
+def test_think_tags_setting_defaults_to_think_and_a_bad_one_fails_naming_it() -> None:
+    assert load_settings({"UPSTREAM_URL": "http://h:8000"}).think_tags == DEFAULT_TAGS
+    assert load_settings({"UPSTREAM_URL": "http://h:8000", "THINK_TAGS": "think,thinking"}).think_tags == (
+        ThinkTags(("think", "thinking"))
+    )
+    with pytest.raises(ConfigError, match=r"^THINK_TAGS: '<thinking>' is not a tag name"):
+        load_settings({"UPSTREAM_URL": "http://h:8000", "THINK_TAGS": "think,<thinking>"})
