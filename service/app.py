@@ -21,7 +21,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import access, backends, listing, logs, metrics, payload, reload, upstream
+from service import access, backends, guard, listing, logs, metrics, payload, reload, upstream
 from service.backends import DEFAULT_BACKEND
 from service.config import Settings
 from service.dispatch import dispatch
@@ -33,6 +33,7 @@ log = structlog.get_logger("rerouter")
 
 READY_CACHE_SECONDS = 5.0
 READY_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
+_SANIC_CODES = {404: "not_found", 408: "request_timeout"}
 
 
 def create_app(
@@ -79,7 +80,7 @@ def create_app(
 
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
-        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        code = _SANIC_CODES.get(exc.status_code, "invalid_request")
         return ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None)).response()
 
     @app.exception(Exception)
@@ -87,15 +88,18 @@ def create_app(
         log.exception("unexpected error")
         return ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
 
-    app.add_route(healthz, "/healthz", methods=["GET", "HEAD"])
-    app.add_route(readyz, "/readyz", methods=["GET", "HEAD"])
-    app.add_route(metrics_page, "/metrics", methods=["GET"])
-    app.add_route(list_models, "/v1/models", methods=["GET"])
-    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"])
+    # stream=True on every route: Sanic reads no body before the handler, which reads it
+    # (guard.read_body) only once the request is admitted.
+    app.add_route(healthz, "/healthz", methods=["GET", "HEAD"], stream=True)
+    app.add_route(readyz, "/readyz", methods=["GET", "HEAD"], stream=True)
+    app.add_route(metrics_page, "/metrics", methods=["GET"], stream=True)
+    app.add_route(list_models, "/v1/models", methods=["GET"], stream=True)
+    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"], stream=True)
     app.add_route(
         proxy,
         "/v1/<path:path>",
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        stream=True,
     )
     return app
 
@@ -104,9 +108,11 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     """Run a proxied handler with its bookkeeping: request id, errors, metrics, one log event."""
     exchange = Exchange.begin(request, endpoint)
     try:
+        # Admission runs on the head alone: no body byte is read before it lets a request in.
         access.check_path(request.path)
         if exchange.settings.api_keys:
             access.check_key(exchange.settings.api_keys, request.headers.items())
+        await guard.read_body(request, exchange.settings)
         response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status

@@ -103,6 +103,7 @@ def serve(settings: Settings, argv: Sequence[str] = ()) -> None:
     """Workers rebuild the app from a factory: spawned processes cannot find it by name inside
     a zipapp, and this keeps `python -m service` and the zipapp on one path."""
     from service.app import create_app  # imported only now: it loads prometheus_client
+    from service.guard import GuardedProtocol
     from service.reload import Sources
 
     sources = Sources(dict(os.environ), tuple(argv), _reload_marker())
@@ -114,5 +115,6 @@ def serve(settings: Settings, argv: Sequence[str] = ()) -> None:
         workers=settings.workers,
         access_log=False,
         motd=False,
+        protocol=GuardedProtocol,
     )
     Sanic.serve(primary=app, app_loader=loader)

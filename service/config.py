@@ -58,6 +58,9 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 600.0
     upstream_max_connections: int = 1024
+    max_client_connections: int = 1024
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 120.0
     config_file: str | None = None
     config_poll_seconds: float = 2.0
     retries: int = 0
@@ -320,6 +323,25 @@ OPTIONS = (
         "upstream_max_connections",
         _int_between(0, 1_000_000),
         "upstream connections per worker, streams included; 0 = no limit (default 1024)",
+    ),
+    _Option(
+        "MAX_CLIENT_CONNECTIONS",
+        "max_client_connections",
+        _int_between(1, 1_000_000),
+        "open client connections per worker; past it new ones get 503 and are closed (default 1024)",
+    ),
+    _Option(
+        "CLIENT_HEADER_TIMEOUT",
+        "client_header_timeout",
+        _seconds(zero_ok=False),
+        "seconds for a whole request head, from the connection's start or a later request's "
+        "first byte; then 408 (default 10)",
+    ),
+    _Option(
+        "CLIENT_BODY_TIMEOUT",
+        "client_body_timeout",
+        _seconds(zero_ok=False),
+        "seconds for a whole request body, from the end of its head; then 408 (default 120)",
     ),
     _Option(
         "RETRIES",
