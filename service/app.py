@@ -27,7 +27,6 @@ from service.config import Settings
 from service.dispatch import dispatch
 from service.errors import ProxyError
 from service.exchange import Exchange, endpoint_of
-from service.relay import upstream_url
 
 log = structlog.get_logger("rerouter")
 
@@ -50,6 +49,7 @@ def create_app(
     app.ctx.settings = settings
     app.ctx.labels = metrics.ModelLabels(settings.metrics_max_models, settings.model_map.known_ids())
     app.ctx.ready = (0.0, False)
+    app.ctx.probe = None
     app.ctx.draining = False
 
     app.ctx.replicas = backends.pools(settings.backends, settings.upstream_cooldown)
@@ -183,26 +183,40 @@ async def readyz(request: Request) -> HTTPResponse:
     every few seconds per worker so a busy kubelet cannot turn probes into upstream load."""
     if request.app.ctx.draining:
         return ProxyError(503, "the proxy is shutting down", "shutting_down").response()
-    checked, ready = request.app.ctx.ready
-    now = time.monotonic()
-    if now - checked >= READY_CACHE_SECONDS:
-        ready = await _probe(request)
-        request.app.ctx.ready = (now, ready)
-    if ready:
+    if await _readiness(request.app):
         return json({"status": "ready"})
     return ProxyError(503, "the upstream does not answer", "upstream_unavailable").response()
 
 
-async def _probe(request: Request) -> bool:
+async def _readiness(app: Sanic) -> bool:
+    """The cached answer, else the one probe in flight: however many callers, a worker sends at
+    most one at a time. Shielded, so a caller that leaves does not cancel it for the others."""
+    checked, ready = app.ctx.ready
+    if time.monotonic() - checked < READY_CACHE_SECONDS:
+        return bool(ready)
+    if app.ctx.probe is None:
+        app.ctx.probe = asyncio.ensure_future(_probe(app))
+        app.ctx.probe.add_done_callback(lambda probe: _probed(app, probe))
+    return bool(await asyncio.shield(app.ctx.probe))
+
+
+def _probed(app: Sanic, probe: asyncio.Future[bool]) -> None:
+    app.ctx.probe = None
+    if not probe.cancelled() and probe.exception() is None:
+        app.ctx.ready = (time.monotonic(), probe.result())
+
+
+async def _probe(app: Sanic) -> bool:
     """Any replica of the default backend answering is enough: requests skip the others."""
-    urls = request.app.ctx.replicas[DEFAULT_BACKEND].urls
-    return any(await asyncio.gather(*(_answers(request, url) for url in urls)))
+    urls = app.ctx.replicas[DEFAULT_BACKEND].urls
+    return any(await asyncio.gather(*(_answers(app, url) for url in urls)))
 
 
-async def _answers(request: Request, url: str) -> bool:
+async def _answers(app: Sanic, url: str) -> bool:
+    """Never follows a redirect: an answer of any kind below 500 is the backend answering."""
     try:
-        async with request.app.ctx.session.get(
-            upstream_url(request, url, "/v1/models"), timeout=READY_PROBE_TIMEOUT
+        async with app.ctx.session.get(
+            f"{url}/v1/models", timeout=READY_PROBE_TIMEOUT, allow_redirects=False
         ) as answer:
             return answer.status < 500
     except upstream.FAILURES:

@@ -1,5 +1,6 @@
 """Hostile clients on the wire, against real proxy processes over raw sockets: no body read
-before the key, strict request heads, total deadlines for slow clients and the connection cap.
+before the key, strict request heads, total deadlines for slow clients, the connection cap,
+and /readyz as one probe per worker that never follows a redirect.
 
 Every proxy of the module starts side by side, once; its upstream is this module's own echo
 server, which records each request it was sent, so "nothing reached the upstream" is checked
@@ -8,18 +9,22 @@ on the upstream's side.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.fault_server import FaultServer
@@ -33,10 +38,75 @@ ATTACK_BODY = 30 * MIB
 ATTACKERS = 12
 SLOW_LIMIT = 1.0  # CLIENT_HEADER_TIMEOUT and CLIENT_BODY_TIMEOUT of the slow proxy
 CAP = 8  # MAX_CLIENT_CONNECTIONS of the capped proxy
+PROBE_DELAY = 0.5
+
+
+class ProbeUpstream:
+    """An aiohttp server whose GET /v1/models takes PROBE_DELAY seconds, or redirects elsewhere;
+    it counts the requests it gets and the most it held at once."""
+
+    def __init__(self, location: str | None = None) -> None:
+        self.location = location
+        self.hits = 0
+        self.in_flight = 0
+        self.peak = 0
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._runner: web.AppRunner | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self.hits += 1
+        if self.location is not None:
+            raise web.HTTPFound(self.location)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            await asyncio.sleep(PROBE_DELAY)
+        finally:
+            self.in_flight -= 1
+        return web.json_response({"object": "list", "data": []})
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> ProbeUpstream:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=10)
+        return self
+
+    def stop(self) -> None:
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5)
+        self._loop.close()
 
 
 @pytest.fixture(scope="module")
-def proxies(start_proxy: StartProxy, echo: FaultServer) -> Iterator[dict[str, Proxy]]:
+def probed() -> Iterator[dict[str, ProbeUpstream]]:
+    trap = ProbeUpstream().start()
+    servers = {
+        "slow": ProbeUpstream().start(),
+        "trap": trap,
+        "redirecting": ProbeUpstream(location=f"{trap.url}/v1/models").start(),
+    }
+    yield servers
+    for server in servers.values():
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxies(
+    start_proxy: StartProxy, echo: FaultServer, probed: dict[str, ProbeUpstream]
+) -> Iterator[dict[str, Proxy]]:
     settings: dict[str, dict[str, str]] = {
         "keyed": {"PROXY_API_KEYS": KEY, "UPSTREAM_API_KEY": UPSTREAM_KEY},
         "slow": {
@@ -44,6 +114,8 @@ def proxies(start_proxy: StartProxy, echo: FaultServer) -> Iterator[dict[str, Pr
             "CLIENT_BODY_TIMEOUT": str(SLOW_LIMIT),
         },
         "capped": {"MAX_CLIENT_CONNECTIONS": str(CAP), "CLIENT_HEADER_TIMEOUT": "60"},
+        "ready": {"UPSTREAM_URL": probed["slow"].url},
+        "redirected": {"UPSTREAM_URL": probed["redirecting"].url},
     }
     with ThreadPoolExecutor(len(settings)) as pool:
         started = {
@@ -346,3 +418,33 @@ def test_past_max_client_connections_a_new_connection_gets_503_at_once(proxies: 
             assert read_answer(sock)[0] == 200
 
     eventually(served, timeout=10)
+
+
+# --- 7. /readyz --------------------------------------------------------------------------------------
+
+
+async def _readyz_at_once(url: str, count: int) -> list[int]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+        async def one() -> int:
+            async with session.get(url, timeout=aiohttp.ClientTimeout(total=20)) as response:
+                return response.status
+
+        return await asyncio.gather(*(one() for _ in range(count)))
+
+
+def test_readyz_sends_one_probe_however_many_ask(
+    proxies: dict[str, Proxy], probed: dict[str, ProbeUpstream]
+) -> None:
+    statuses = asyncio.run(_readyz_at_once(f"{proxies['ready'].url}/readyz", 200))
+    assert statuses == [200] * 200
+    assert probed["slow"].hits == 1
+    assert probed["slow"].peak == 1
+
+
+def test_readyz_never_follows_a_redirect(proxies: dict[str, Proxy], probed: dict[str, ProbeUpstream]) -> None:
+    """The upstream answers (a 302 is an answer); where its Location points is never asked."""
+    response = httpx.get(f"{proxies['redirected'].url}/readyz", timeout=10)
+    assert response.status_code == 200
+    assert probed["redirecting"].hits == 1
+    assert probed["trap"].hits == 0
