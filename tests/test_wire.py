@@ -204,6 +204,24 @@ def test_without_a_key_the_401_comes_before_the_body_and_the_connection_closes(
     assert echo.since(mark) == []
 
 
+def test_with_the_key_100_continue_invites_the_body_and_it_is_forwarded(
+    proxies: dict[str, Proxy], echo: FaultServer
+) -> None:
+    mark = echo.mark()
+    body = b'{"model": "m", "input": "hi"}'
+    with connect(proxies["keyed"]) as sock:
+        sock.sendall(
+            b"POST /v1/embeddings HTTP/1.1\r\nHost: proxy\r\n" + AUTH + b"Expect: 100-continue\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        status, headers, _, _ = read_answer(sock)
+    assert status == 200
+    assert headers["connection"] == "keep-alive"
+    assert echo.wait_request(mark).body == body
+
+
 def test_an_honest_client_without_a_key_gets_its_401_not_a_reset(proxies: dict[str, Proxy]) -> None:
     """httpx sends the whole body before it reads: the proxy drains it (lingering close) rather
     than resetting the connection under the client's answer."""
