@@ -35,22 +35,24 @@ def read_keys_file(path: str) -> tuple[str, ...]:
 
 
 def presented_key(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The key a client sent as ``Authorization: Bearer <key>`` or ``api-key: <key>``."""
+    """The key a client sent as ``Authorization: Bearer <key>``, ``api-key: <key>`` or
+    ``x-api-key: <key>`` (how Anthropic-API clients send theirs)."""
     for name, value in headers:
         lowered = name.lower()
         if lowered == "authorization":
             scheme, _, token = value.strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        elif lowered == "api-key" and value.strip():
+        elif lowered in ("api-key", "x-api-key") and value.strip():
             return value.strip()
     return None
 
 
 def check_key(keys: tuple[str, ...], headers: Iterable[tuple[str, str]]) -> None:
-    """Raise 401 unless a configured key was presented; every key is compared, in constant time."""
+    """Raise 401 unless a configured key was presented; every key is compared, in constant time.
+    Header text holds the bytes that are not UTF-8 as surrogates: compared as the bytes sent."""
     given = presented_key(headers)
-    candidate = (given or "").encode()
+    candidate = (given or "").encode("utf-8", "surrogateescape")
     matches = [hmac.compare_digest(candidate, key.encode()) for key in keys]
     if given is None or not any(matches):
         raise ProxyError(
@@ -62,12 +64,14 @@ def check_key(keys: tuple[str, ...], headers: Iterable[tuple[str, str]]) -> None
 
 
 def check_path(raw_path: str) -> None:
-    """Refuse segments that decode (once or twice) to or through ``.``/``..`` (``..%2f..``), and
+    """Refuse segments that decode (once or twice) to or through ``.``/``..`` (``..%2f..``), also
+    behind a ``;`` path parameter (``..;x``, which servlet containers read as ``..``), and
     encoded backslashes or NULs. A path without ``%``, ``/.``, ``\\`` or NUL has none: the common
     case costs four substring tests."""
     if "%" not in raw_path and "/." not in raw_path and "\\" not in raw_path and "\x00" not in raw_path:
         return
     for segment in raw_path.split("/"):
         decoded = unquote(unquote(segment))
-        if "\\" in decoded or "\x00" in decoded or {".", ".."} & set(decoded.split("/")):
+        parts = {part.split(";", 1)[0] for part in decoded.split("/")}
+        if "\\" in decoded or "\x00" in decoded or {".", ".."} & parts:
             raise ProxyError(400, "the request path is not allowed", "invalid_path")

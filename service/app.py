@@ -21,18 +21,18 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import access, backends, listing, logs, metrics, payload, reload, upstream
+from service import access, backends, guard, listing, logs, metrics, payload, reload, upstream
 from service.backends import DEFAULT_BACKEND
 from service.config import Settings
 from service.dispatch import dispatch
 from service.errors import ProxyError
 from service.exchange import Exchange, endpoint_of
-from service.relay import upstream_url
 
 log = structlog.get_logger("rerouter")
 
 READY_CACHE_SECONDS = 5.0
 READY_PROBE_TIMEOUT = aiohttp.ClientTimeout(total=3)
+_SANIC_CODES = {404: "not_found", 408: "request_timeout"}
 
 
 def create_app(
@@ -51,6 +51,7 @@ def create_app(
         settings.metrics_max_models, settings.model_map.known_ids(), settings.max_model_id_length
     )
     app.ctx.ready = (0.0, False)
+    app.ctx.probe = None
     app.ctx.draining = False
 
     app.ctx.replicas = backends.pools(settings.backends, settings.upstream_cooldown)
@@ -81,7 +82,7 @@ def create_app(
 
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
-        code = "not_found" if exc.status_code == 404 else "invalid_request"
+        code = _SANIC_CODES.get(exc.status_code, "invalid_request")
         return ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None)).response()
 
     @app.exception(Exception)
@@ -89,15 +90,18 @@ def create_app(
         log.exception("unexpected error")
         return ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
 
-    app.add_route(healthz, "/healthz", methods=["GET", "HEAD"])
-    app.add_route(readyz, "/readyz", methods=["GET", "HEAD"])
-    app.add_route(metrics_page, "/metrics", methods=["GET"])
-    app.add_route(list_models, "/v1/models", methods=["GET"])
-    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"])
+    # stream=True on every route: Sanic reads no body before the handler, which reads it
+    # (guard.read_body) only once the request is admitted.
+    app.add_route(healthz, "/healthz", methods=["GET", "HEAD"], stream=True)
+    app.add_route(readyz, "/readyz", methods=["GET", "HEAD"], stream=True)
+    app.add_route(metrics_page, "/metrics", methods=["GET"], stream=True)
+    app.add_route(list_models, "/v1/models", methods=["GET"], stream=True)
+    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"], stream=True)
     app.add_route(
         proxy,
         "/v1/<path:path>",
         methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+        stream=True,
     )
     return app
 
@@ -106,9 +110,11 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     """Run a proxied handler with its bookkeeping: request id, errors, metrics, one log event."""
     exchange = Exchange.begin(request, endpoint)
     try:
+        # Admission runs on the head alone: no body byte is read before it lets a request in.
         access.check_path(request.path)
         if exchange.settings.api_keys:
             access.check_key(exchange.settings.api_keys, request.headers.items())
+        await guard.read_body(request, exchange.settings)
         response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
@@ -192,26 +198,40 @@ async def readyz(request: Request) -> HTTPResponse:
     every few seconds per worker so a busy kubelet cannot turn probes into upstream load."""
     if request.app.ctx.draining:
         return ProxyError(503, "the proxy is shutting down", "shutting_down").response()
-    checked, ready = request.app.ctx.ready
-    now = time.monotonic()
-    if now - checked >= READY_CACHE_SECONDS:
-        ready = await _probe(request)
-        request.app.ctx.ready = (now, ready)
-    if ready:
+    if await _readiness(request.app):
         return json({"status": "ready"})
     return ProxyError(503, "the upstream does not answer", "upstream_unavailable").response()
 
 
-async def _probe(request: Request) -> bool:
+async def _readiness(app: Sanic) -> bool:
+    """The cached answer, else the one probe in flight: however many callers, a worker sends at
+    most one at a time. Shielded, so a caller that leaves does not cancel it for the others."""
+    checked, ready = app.ctx.ready
+    if time.monotonic() - checked < READY_CACHE_SECONDS:
+        return bool(ready)
+    if app.ctx.probe is None:
+        app.ctx.probe = asyncio.ensure_future(_probe(app))
+        app.ctx.probe.add_done_callback(lambda probe: _probed(app, probe))
+    return bool(await asyncio.shield(app.ctx.probe))
+
+
+def _probed(app: Sanic, probe: asyncio.Future[bool]) -> None:
+    app.ctx.probe = None
+    if not probe.cancelled() and probe.exception() is None:
+        app.ctx.ready = (time.monotonic(), probe.result())
+
+
+async def _probe(app: Sanic) -> bool:
     """Any replica of the default backend answering is enough: requests skip the others."""
-    urls = request.app.ctx.replicas[DEFAULT_BACKEND].urls
-    return any(await asyncio.gather(*(_answers(request, url) for url in urls)))
+    urls = app.ctx.replicas[DEFAULT_BACKEND].urls
+    return any(await asyncio.gather(*(_answers(app, url) for url in urls)))
 
 
-async def _answers(request: Request, url: str) -> bool:
+async def _answers(app: Sanic, url: str) -> bool:
+    """Never follows a redirect: an answer of any kind below 500 is the backend answering."""
     try:
-        async with request.app.ctx.session.get(
-            upstream_url(request, url, "/v1/models"), timeout=READY_PROBE_TIMEOUT
+        async with app.ctx.session.get(
+            f"{url}/v1/models", timeout=READY_PROBE_TIMEOUT, allow_redirects=False
         ) as answer:
             return answer.status < 500
     except upstream.FAILURES:

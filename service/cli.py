@@ -111,6 +111,7 @@ def serve(settings: Settings, argv: Sequence[str], sock: socket.socket, guard: l
     """Workers rebuild the app from a factory: spawned processes cannot find it by name inside
     a zipapp, and this keeps `python -m service` and the zipapp on one path."""
     from service.app import create_app
+    from service.guard import GuardedProtocol
     from service.reload import Sources
 
     sources = Sources(dict(os.environ), tuple(argv))
@@ -118,6 +119,11 @@ def serve(settings: Settings, argv: Sequence[str], sock: socket.socket, guard: l
     app = create_app(settings, sources)
     app.main_process_ready(guard.attach)
     app.prepare(
-        sock=sock, workers=settings.workers, access_log=False, motd=False, backlog=lifecycle.LISTEN_BACKLOG
+        sock=sock,
+        workers=settings.workers,
+        access_log=False,
+        motd=False,
+        backlog=lifecycle.LISTEN_BACKLOG,
+        protocol=GuardedProtocol,
     )
     Sanic.serve(primary=app, app_loader=loader)

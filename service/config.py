@@ -73,6 +73,9 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 600.0
     upstream_max_connections: int = 1024
+    max_client_connections: int = 1024
+    client_header_timeout: float = 10.0
+    client_body_timeout: float = 120.0
     config_file: str | None = None
     config_poll_seconds: float = 2.0
     retries: int = 0
@@ -533,6 +536,38 @@ OPTIONS = (
         default="1024",
         example="4096",
         section=_LIMITS,
+    ),
+    _Option(
+        "MAX_CLIENT_CONNECTIONS",
+        "max_client_connections",
+        _int_between(1, 1_000_000),
+        "Open client connections per worker; past it a new one gets 503 and is closed.",
+        default="1024",
+        example="4096",
+        section=_LIMITS,
+        see="security.md",
+    ),
+    _Option(
+        "CLIENT_HEADER_TIMEOUT",
+        "client_header_timeout",
+        _seconds(zero_ok=False),
+        "Seconds for a whole request head, from the connection's start or a later request's "
+        "first byte; then 408. A trickle of bytes does not extend it.",
+        default="10",
+        example="5",
+        section=_LIMITS,
+        see="security.md",
+    ),
+    _Option(
+        "CLIENT_BODY_TIMEOUT",
+        "client_body_timeout",
+        _seconds(zero_ok=False),
+        "Seconds for a whole request body, from the end of its head; then 408. A trickle of "
+        "bytes does not extend it.",
+        default="120",
+        example="300",
+        section=_LIMITS,
+        see="security.md",
     ),
     _Option(
         "RETRIES",

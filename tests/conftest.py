@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from tests.fake_upstream import FakeUpstream
+from tests.fault_server import FaultServer
 
 DEFAULT_MAP = {
     "gpt-3.5-turbo-16k": "qwen3-4b",
@@ -49,10 +50,11 @@ def eventually(check: Callable[[], Any], timeout: float, interval: float = 0.05)
 
 
 def lands_under_v1(raw_path: str) -> bool:
-    """Where a path leads at an upstream that decodes it 0, 1 or 2 times before normalising."""
+    """Where a path leads at an upstream that decodes it 0, 1 or 2 times before normalising, and
+    reads a segment's ``;`` parameters as not part of it (as servlet containers do)."""
     path = raw_path.split("?", 1)[0]
     for _ in range(3):
-        resolved = posixpath.normpath(path)
+        resolved = posixpath.normpath("/".join(part.split(";", 1)[0] for part in path.split("/")))
         if not (resolved == "/v1" or resolved.startswith("/v1/")):
             return False
         path = unquote(path)
@@ -120,6 +122,15 @@ def upstream() -> FakeUpstream:
     server = FakeUpstream()
     server.start()
     return server
+
+
+@pytest.fixture(scope="module")
+def echo() -> Iterator[FaultServer]:
+    """A raw upstream answering every request 200 and recording it as it came, for the module."""
+    server = FaultServer(echo_only=True)
+    server.start()
+    yield server
+    server.stop()
 
 
 StartProxy = Callable[..., Proxy]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -47,14 +46,6 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
-
-
-@pytest.fixture(scope="module")
-def echo() -> Iterator[FaultServer]:
-    server = FaultServer(echo_only=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

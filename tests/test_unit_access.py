@@ -94,14 +94,15 @@ def test_read_keys_file_errors_name_the_file_and_never_its_content(tmp_path: Pat
         ([("Authorization", "Bearer   ")], None),
         ([("Authorization", "k")], None),
         ([("api-key", "  ")], None),
-        ([("x-api-key", "k")], None),
+        ([("x-api-key", "k")], "k"),
+        ([("X-Api-Key", " k ")], "k"),
         ([("Proxy-Authorization", "Bearer k")], None),
         ([("Cookie", "k")], None),
         ([], None),
         ([("Authorization", "Basic azpr"), ("api-key", "k")], "k"),
     ],
 )
-def test_presented_key_reads_bearer_or_api_key_only(
+def test_presented_key_reads_bearer_api_key_or_x_api_key_only(
     headers: list[tuple[str, str]], expected: str | None
 ) -> None:
     assert presented_key(headers) == expected
@@ -111,6 +112,7 @@ def test_presented_key_reads_bearer_or_api_key_only(
 def test_every_configured_key_passes_in_either_header(key: str) -> None:
     check_key(KEYS, bearer(key))
     check_key(KEYS, [("api-key", key)])
+    check_key(KEYS, [("x-api-key", key)])
     check_key(KEYS, [("Content-Type", "application/json"), ("authorization", f"bearer {key}")])
 
 
@@ -130,7 +132,8 @@ def test_every_configured_key_passes_in_either_header(key: str) -> None:
         pytest.param([("Authorization", "Basic sk-alpha-0001")], id="basic-scheme"),
         pytest.param([("Authorization", "Token sk-alpha-0001")], id="token-scheme"),
         pytest.param([("Authorization", "sk-alpha-0001")], id="no-scheme"),
-        pytest.param([("x-api-key", "sk-alpha-0001")], id="x-api-key"),
+        pytest.param([("x-api-key", "sk-alpha-0001x")], id="x-api-key-wrong"),
+        pytest.param(bearer("sk-alpha-0001\udcff"), id="not-utf8"),
         pytest.param([("Proxy-Authorization", "Bearer sk-alpha-0001")], id="proxy-authorization"),
         pytest.param(bearer("sk-alpha-0001\x00"), id="nul-suffix"),
         pytest.param(bearer("sk-alphä-0001"), id="non-ascii"),
@@ -194,6 +197,9 @@ ALLOWED = [
     "/v1/",
     "/v1//double",
     "/v1/%25252e%25252e/x",  # three decodes away from '..': never decoded that often
+    "/v1/x;y",
+    "/v1/models/a;b",
+    "/v1/x/...;y",
 ]
 REFUSED = [
     "/v1/../admin",
@@ -214,6 +220,13 @@ REFUSED = [
     "/v1/x%00",
     "/v1/x%2500",
     "/v1/x/..%00",
+    # A ';' path parameter: servlet containers (Tomcat, Jetty) read '..;x' as '..'.
+    "/v1/..;/admin",
+    "/v1/..;jsessionid=1/admin",
+    "/v1/%2e%2e;/admin",
+    "/v1/%2e%2e%3b/admin",
+    "/v1/.;x/models",
+    "/v1/%252e%252e%253bx/admin",
 ]
 # A segment holding an encoded slash decodes to several segments: one of them '..' climbs out
 # of /v1 at any upstream (or proxy in front of it) that decodes %2F before normalising.
@@ -241,7 +254,9 @@ def test_dot_segments_backslashes_and_nuls_are_refused_once_or_twice_encoded(pat
 
 
 _SEGMENT = st.lists(
-    st.sampled_from(["..", ".", "a", "%2e", "%2E", "%252e", "%2f", "%2F", "%252f", "/", "%5c", "x"]),
+    st.sampled_from(
+        ["..", ".", "a", "%2e", "%2E", "%252e", "%2f", "%2F", "%252f", "/", "%5c", "x", ";", "%3b"]
+    ),
     min_size=1,
     max_size=6,
 ).map("".join)
@@ -262,7 +277,7 @@ def test_property_a_path_that_passes_stays_under_v1_after_one_or_two_decodes(seg
 @given(name=st.text(alphabet=st.characters(codec="utf-8", exclude_characters="\\\x00%"), max_size=20))
 def test_property_an_encoded_ordinary_name_is_never_refused(name: str) -> None:
     """Model ids and file names (slashes included, as in ``org/model``) pass percent-encoded,
-    unless they hold a '.' or '..' part, a backslash, NUL or '%'."""
-    if not name or {".", ".."} & set(name.split("/")):
+    unless they hold a '.' or '..' part (also before a ';'), a backslash, NUL or '%'."""
+    if not name or {".", ".."} & {part.split(";", 1)[0] for part in name.split("/")}:
         return
     check_path("/v1/models/" + quote(name, safe=""))
