@@ -63,6 +63,7 @@ class Settings:
     retries: int = 0
     upstream_cooldown: float = 10.0
     response_model: str = "upstream"
+    stream_usage: str = "client"
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
     demo: bool = False
 
@@ -93,7 +94,7 @@ class Settings:
 
     @cached_property
     def policy(self) -> Policy:
-        return Policy(self.thinking, self.model_params)
+        return Policy(self.thinking, self.model_params, self.stream_usage == "always")
 
     @cached_property
     def backends(self) -> dict[str, Backend]:
@@ -338,6 +339,14 @@ OPTIONS = (
         "response_model",
         _choice("upstream", "requested"),
         "model named in answers: upstream (as served) or requested (the client's id) (default upstream)",
+    ),
+    _Option(
+        "STREAM_USAGE",
+        "stream_usage",
+        _choice("client", "always"),
+        "usage chunk of streamed completions: client (when the client asks) or always (asked "
+        "for every stream so tokens are counted, hidden from clients that did not ask; the "
+        "upstream must accept stream_options) (default client)",
     ),
     _Option(
         "MODEL_PARAMS",

@@ -94,4 +94,5 @@ async def _attempt(
             raise TryNext(exc.reason) from None
         raise
     finally:
+        exchange.from_upstream()
         replicas.done(url, healthy)

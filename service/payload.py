@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from service import usage
 from service.errors import ProxyError
 from service.mapping import ModelMap, Resolution
 from service.params import ParamPolicy
@@ -31,6 +32,7 @@ class Rewritten:
     body: bytes
     resolution: Resolution | None
     stream: bool = False
+    usage_added: bool = False  # the stream asks for a usage chunk the client did not ask for
 
 
 def _reject_constant(name: str) -> Any:
@@ -79,10 +81,12 @@ def is_json(content_type: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What the settings ask of a body besides its model: thinking switch, parameter policy."""
+    """What the settings ask of a body besides its model: thinking switch, parameter policy,
+    usage on every stream (STREAM_USAGE=always)."""
 
     thinking: ThinkingPolicy
     params: ParamPolicy = field(default_factory=ParamPolicy)
+    stream_usage: bool = False
 
 
 def rewrite(
@@ -120,7 +124,8 @@ def _rewrite_json(
     choice: int,
     completion: str | None = None,
 ) -> Rewritten:
-    """The model, then (completions only) the thinking switch, then the parameter policy."""
+    """The model, then (completions only) the thinking switch, then the parameter policy, then
+    (streamed completions only) the usage chunk."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
     resolution, changed = _resolve_in(body, model_map, choice)
@@ -132,7 +137,9 @@ def _rewrite_json(
             changed = policy.params.apply(body, target) or changed
     elif completion is not None:
         changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
-    return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
+    stream = body.get("stream") is True
+    added = completion is not None and stream and policy.stream_usage and usage.ask_for_usage(body)
+    return Rewritten(dumps(body) if changed or added else raw, resolution, stream, added)
 
 
 def _resolve_in(body: dict[str, Any], model_map: ModelMap, choice: int) -> tuple[Resolution | None, bool]:
