@@ -12,6 +12,9 @@ from hypothesis import strategies as st
 from service import usage
 from service.mapping import ModelMap
 from service.payload import Policy, rewrite
+from service.reasoning import ThinkStream
+from service.relay import StreamFilter
+from service.renaming import RenameStream
 from service.thinking import ThinkingPolicy
 from service.usage import StreamMeter, Usage, UsageDrop, ask_for_usage, counted, find
 
@@ -244,3 +247,20 @@ def test_counted_endpoints() -> None:
     assert not counted("POST", "/v1/responses/resp_1/cancel", "responses")
     assert not counted("POST", "/v1/moderations", "moderations")
     assert {"chat/completions", "completions", "embeddings", "responses"} == usage.ENDPOINTS
+
+
+def test_drop_runs_before_think_stripping_and_renaming() -> None:
+    """The chain gives what think stripping and renaming give a stream that never had the chunk."""
+    think = [delta("<think>\nhm\n</think>\n\n"), delta("answer"), USAGE_CHUNK]
+    with_chunk, without_chunk = stream(*think), stream(*think[:2])
+
+    def chain(drop: UsageDrop | None) -> StreamFilter:
+        return StreamFilter(ThinkStream("strip", chat=True), RenameStream("gpt-4o"), drop)
+
+    expected = chain(None).feed(without_chunk)
+    for cut in range(1, len(with_chunk), 7):
+        filters = chain(UsageDrop())
+        out = filters.feed(with_chunk[:cut]) + filters.feed(with_chunk[cut:]) + filters.close()
+        assert out == expected
+    assert b"<think>" not in expected
+    assert b'"usage"' not in expected
