@@ -16,7 +16,7 @@ With ``STREAM_USAGE=always`` the proxy asks for the usage chunk on the client's 
 
 from __future__ import annotations
 
-import json
+import re
 import time
 from collections import deque
 from typing import Any, NamedTuple
@@ -26,12 +26,11 @@ import orjson
 from service.sse import EventFilter, SSEEvent
 
 _KEY = b'"usage"'
-_DECODER = json.JSONDecoder()
+_OBJECT_VALUE = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*\{")
 _WINDOW = 4096  # a usage object, its token details included, is a few hundred bytes
 _TRIES = 4  # "usage" keys looked at, from the end, before giving up
 _MAX_TOKENS = 1 << 40  # a count beyond this is not a count
 _TAIL_CHUNKS = 4  # the usage chunk and [DONE] arrive in the last few reads of a stream
-_WHITESPACE = b" \t\r\n"
 
 
 ENDPOINTS = frozenset({"chat/completions", "completions", "embeddings", "responses"})
@@ -65,24 +64,30 @@ def _usage_of(value: object) -> Usage | None:
 
 
 def _object_after(data: bytes, key_end: int) -> Usage | None:
-    """The usage object that is the value of the key ending at ``key_end``, if it is one."""
-    start = key_end
-    end = len(data)
-    while start < end and data[start] in _WHITESPACE:
-        start += 1
-    if start >= end or data[start] != 0x3A:  # ":"
+    """The usage object that is the value of the key ending at ``key_end``, if it is one.
+
+    Its end is found by counting braces (a usage object holds numbers and objects of numbers,
+    no strings that could hold a brace), then orjson parses just that slice.
+    """
+    value = _OBJECT_VALUE.match(data, key_end)
+    if value is None:  # null, or not an object
         return None
-    start += 1
-    while start < end and data[start] in _WHITESPACE:
-        start += 1
-    if start >= end or data[start] != 0x7B:  # "{": null and anything else are not usage
-        return None
-    text = data[start : start + _WINDOW].decode("utf-8", "replace")
+    start = pos = value.end() - 1
+    limit = min(len(data), start + _WINDOW)
+    depth = 0
+    while True:
+        close = data.find(b"}", pos, limit)
+        if close < 0:
+            return None
+        opened = data.count(b"{", pos, close)
+        depth += opened - 1
+        pos = close + 1
+        if depth == 0:
+            break
     try:
-        value, _ = _DECODER.raw_decode(text)
-    except (ValueError, RecursionError):
+        return _usage_of(orjson.loads(data[start:pos]))
+    except orjson.JSONDecodeError:
         return None
-    return _usage_of(value)
 
 
 def find(data: bytes) -> Usage | None:
