@@ -47,20 +47,20 @@ class Usage(NamedTuple):
     completion: int | None  # None: embeddings, which have no completion
 
 
-def _count(value: object) -> int | None:
-    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < _MAX_TOKENS:
-        return value
-    return None
-
-
 def _usage_of(value: object) -> Usage | None:
     """Chat and completions name them prompt/completion_tokens, the Responses API input/output_tokens."""
     if not isinstance(value, dict):
         return None
-    prompt = _count(value.get("prompt_tokens", value.get("input_tokens")))
+    prompt = value.get("prompt_tokens")
     if prompt is None:
+        prompt, completion = value.get("input_tokens"), value.get("output_tokens")
+    else:
+        completion = value.get("completion_tokens")
+    if type(prompt) is not int or not 0 <= prompt < _MAX_TOKENS:  # bool is not a count
         return None
-    return Usage(prompt, _count(value.get("completion_tokens", value.get("output_tokens"))))
+    if type(completion) is not int or not 0 <= completion < _MAX_TOKENS:
+        completion = None
+    return Usage(prompt, completion)
 
 
 def _object_after(data: bytes, key_end: int) -> Usage | None:
@@ -69,10 +69,14 @@ def _object_after(data: bytes, key_end: int) -> Usage | None:
     Its end is found by counting braces (a usage object holds numbers and objects of numbers,
     no strings that could hold a brace), then orjson parses just that slice.
     """
-    value = _OBJECT_VALUE.match(data, key_end)
-    if value is None:  # null, or not an object
-        return None
-    start = pos = value.end() - 1
+    if data[key_end : key_end + 2] == b":{":  # compact JSON, as most servers send it
+        start = key_end + 1
+    else:
+        value = _OBJECT_VALUE.match(data, key_end)
+        if value is None:  # null, or not an object
+            return None
+        start = value.end() - 1
+    pos = start
     limit = min(len(data), start + _WINDOW)
     depth = 0
     while True:
