@@ -168,5 +168,4 @@ class Exchange:
             duration_ms=round(duration * 1000, 2),
             **({"outcome": self.outcome} if self.outcome else {}),
             **({"upstream_error": self.upstream_error} if self.upstream_error else {}),
-            **({"prompt_tokens": usage.prompt, "completion_tokens": usage.completion} if usage else {}),
         )
