@@ -219,6 +219,17 @@ def render(results: dict[str, Any]) -> str:
         row("  server CPU us/request", pick(ns, "server_cpu_us_per_request"), 1)
         row("latency p50 @1 conn (us)", pick(ns, "latency_p50_us"))
         row("latency p99 @1 conn (us)", pick(ns, "latency_p99_us"))
+        seen = ns.get("proxy", {}).get("overhead_histogram")
+        if seen:
+            p50s = pick(ns, "latency_p50_us")
+            floor_p50, proxy_p50 = p50s.get("floor"), p50s.get("proxy")
+            added = proxy_p50 - floor_p50 if proxy_p50 is not None and floor_p50 is not None else None
+            rows.append(
+                f"  proxy overhead per rerouter_proxy_overhead_seconds ({seen['count']:,.0f} requests): "
+                f"mean {_fmt(seen['mean_us'])} us, p50 {_fmt(seen['p50_us'])} us, "
+                f"p99 {_fmt(seen['p99_us'])} us; the benchmark's own figure "
+                f"(p50 @1 conn, proxy - floor): {_fmt(added)} us"
+            )
         row(f"stream=true req/s @{meta['profile']['connections']} (20-event canned)", pick(ns, "stream_rps"))
         row("  errors (wrk)", pick(ns, "errors"), ratios=False)
         row("  other processes' load (cores)", pick(ns, "other_cores"), 2, ratios=False)

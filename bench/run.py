@@ -394,6 +394,47 @@ def hold_idle_streams(url: str, streams: int, pids: list[int]) -> dict[str, Any]
 # --- the three parts ------------------------------------------------------------------------------
 
 
+def proxy_overhead(url: str) -> dict[str, float] | None:
+    """The proxy's own time per request as its rerouter_proxy_overhead_seconds histogram saw it
+    (every endpoint together): count, mean, and p50/p99 interpolated within buckets as
+    Prometheus' histogram_quantile does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as answer:
+        page = answer.read().decode()
+    buckets: dict[float, float] = {}
+    total = count = 0.0
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            if sample.name == "rerouter_proxy_overhead_seconds_bucket":
+                le = float(sample.labels["le"])
+                buckets[le] = buckets.get(le, 0.0) + sample.value
+            elif sample.name == "rerouter_proxy_overhead_seconds_sum":
+                total += sample.value
+            elif sample.name == "rerouter_proxy_overhead_seconds_count":
+                count += sample.value
+    if not count:
+        return None
+
+    def quantile(q: float) -> float:
+        lower, below = 0.0, 0.0
+        bounds = sorted(buckets.items())
+        for upper, seen in bounds:
+            if seen >= q * count:
+                if upper == float("inf"):
+                    return bounds[-2][0]
+                return lower + (upper - lower) * (q * count - below) / max(seen - below, 1e-9)
+            lower, below = upper, seen
+        return lower
+
+    return {
+        "count": count,
+        "mean_us": total / count * 1e6,
+        "p50_us": quantile(0.5) * 1e6,
+        "p99_us": quantile(0.99) * 1e6,
+    }
+
+
 def bench_nonstream(
     profile: Profile,
     targets: dict[str, tuple[str, list[int]]],
@@ -411,6 +452,8 @@ def bench_nonstream(
         with spied, measure({"server": pids}) as window:
             rps = run_wrk(url, profile.connections, profile.rps_s, body_file, path)
         latency = run_wrk(url, 1, profile.latency_s, body_file, path)
+        # Before the stream=true run: the histogram then holds non-streamed requests only.
+        overhead = proxy_overhead(url) if name == "proxy" else None
         stream_path = "/v1/chat/completions?stream=1&rate=0&events=20"
         streamed = {"rps": None, "requests": 0, "error_count": 0}
         stream_window = Window(cpu={"server": 0.0})
@@ -437,6 +480,7 @@ def bench_nonstream(
                 stream_window.cpu["server"] / streamed["requests"] * 1e6 if streamed["requests"] else None
             ),
             "errors": rps["error_count"] + latency["error_count"] + streamed["error_count"],
+            "overhead_histogram": overhead,
             "wrk": {"rps": rps, "latency": latency, "stream": streamed},
         }
     return results

@@ -118,21 +118,18 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
         response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
-            response.headers.update(exchange.tags())
+            _tag(response, exchange)
         return response
     except ProxyError as exc:
         exchange.status = exc.status
         if isinstance(exc, upstream.UpstreamError):
             exchange.upstream_error = exc.reason
-        error = exc.response()
-        error.headers.update(exchange.tags())
-        return error
+        return _tag(exc.response(), exchange)
     except Exception:
         log.exception("unexpected error")
         exchange.status = 500
-        error = ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
-        error.headers.update(exchange.tags())
-        return error
+        error = ProxyError(500, "the proxy failed to handle this request", "internal_error")
+        return _tag(error.response(), exchange)
     except asyncio.CancelledError:
         exchange.status = 499
         if exchange.outcome is not None:
@@ -141,6 +138,14 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     finally:
         # After the answer is written: Sanic sends a returned response before the loop runs this.
         asyncio.get_running_loop().call_soon(exchange.finish, request.app.ctx.labels)
+
+
+def _tag(response: HTTPResponse, exchange: Exchange) -> HTTPResponse:
+    """The exchange's headers on an answer sent whole; Server-Timing is added last, after any the
+    upstream sent, so the proxy's time covers everything up to here."""
+    response.headers.update(exchange.tags())
+    response.headers.add("server-timing", exchange.timing())
+    return response
 
 
 async def proxy(request: Request, path: str) -> HTTPResponse | None:
@@ -165,6 +170,7 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     first = body_for(0)
     exchange.resolution = first.resolution
     exchange.stream = first.stream
+    exchange.hide_usage = first.usage_added
     return await dispatch(request, exchange, first.body, lambda choice: body_for(choice).body)
 
 

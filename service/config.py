@@ -81,6 +81,7 @@ class Settings:
     retries: int = 0
     upstream_cooldown: float = 10.0
     response_model: str = "upstream"
+    stream_usage: str = "client"
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
     max_model_id_length: int = 256
     max_sse_event_bytes: int = 1024 * 1024
@@ -113,7 +114,9 @@ class Settings:
 
     @cached_property
     def policy(self) -> Policy:
-        return Policy(self.thinking, self.model_params, self.max_model_id_length)
+        return Policy(
+            self.thinking, self.model_params, self.max_model_id_length, self.stream_usage == "always"
+        )
 
     @cached_property
     def backends(self) -> dict[str, Backend]:
@@ -599,6 +602,18 @@ OPTIONS = (
         example="requested",
         section=_ROUTING,
         see="routing.md#honest-model-names",
+    ),
+    _Option(
+        "STREAM_USAGE",
+        "stream_usage",
+        _choice("client", "always"),
+        "Usage chunk of streamed completions: client (when the client asks) or always (asked for "
+        "every stream so tokens are counted, hidden from clients that did not ask; the upstream "
+        "must accept stream_options).",
+        default="client",
+        example="always",
+        section=_OBSERVE,
+        see="metrics.md",
     ),
     _Option(
         "MODEL_PARAMS",

@@ -96,4 +96,5 @@ async def _attempt(
             raise TryNext(exc.reason) from None
         raise
     finally:
+        exchange.from_upstream()
         replicas.done(url, healthy)

@@ -21,6 +21,7 @@ from service import logs, metrics, payload
 from service.backends import DEFAULT_BACKEND, Replicas
 from service.config import Settings
 from service.mapping import Resolution, Target
+from service.usage import Usage
 
 log = structlog.get_logger("rerouter")
 
@@ -82,6 +83,12 @@ class Exchange:
     outcome: str | None = None
     upstream_error: str | None = None
     think_blocks: int = 0
+    usage: Usage | None = None
+    per_token: float | None = None  # streams with usage: seconds per output token
+    hide_usage: bool = False  # STREAM_USAGE=always asked for a usage chunk the client did not
+    sent: float | None = None  # when the upstream call under way was sent
+    upstream_seconds: float = 0.0  # spent waiting on the upstream, every attempt together
+    overhead: float | None = None  # the proxy's own time, as Server-Timing reports it
 
     @classmethod
     def begin(cls, request: Request, endpoint: str) -> Exchange:
@@ -102,6 +109,27 @@ class Exchange:
             tags["x-rerouter-target-model"] = _header_value(served)
         return tags
 
+    def to_upstream(self) -> None:
+        self.sent = time.perf_counter()
+
+    def from_upstream(self) -> None:
+        """The upstream call under way ended: its answer is complete, or it failed."""
+        if self.sent is not None:
+            self.upstream_seconds += time.perf_counter() - self.sent
+            self.sent = None
+
+    def timing(self) -> str:
+        """Server-Timing of an answer read whole: the proxy's time so far and the upstream's."""
+        self.overhead = time.perf_counter() - self.started - self.upstream_seconds
+        proxy = f"proxy;dur={self.overhead * 1000:.3f}"
+        return f"{proxy}, upstream;dur={self.upstream_seconds * 1000:.3f}" if self.upstream_seconds else proxy
+
+    def stream_timing(self) -> str:
+        """Server-Timing of a stream: the proxy's time before the request went upstream."""
+        sent = self.sent if self.sent is not None else time.perf_counter()
+        self.overhead = sent - self.started - self.upstream_seconds
+        return f"proxy;dur={self.overhead * 1000:.3f}"
+
     @property
     def served(self) -> str | None:
         """The model id the answer came from: the target tried last, else the first target."""
@@ -113,9 +141,9 @@ class Exchange:
         duration = time.perf_counter() - self.started
         source = self.resolution.source if self.resolution else None
         target = self.served
-        target_label = labels(target)
+        source_label, target_label = labels(source), labels(target)
         metrics.IN_FLIGHT.dec()
-        metrics.child(metrics.REQUESTS, self.endpoint, labels(source), target_label, str(self.status)).inc()
+        metrics.child(metrics.REQUESTS, self.endpoint, source_label, target_label, str(self.status)).inc()
         metrics.child(metrics.DURATION, self.endpoint, target_label).observe(duration)
         if self.first_byte is not None:
             metrics.child(metrics.TIME_TO_FIRST_BYTE, self.endpoint, target_label).observe(
@@ -127,6 +155,16 @@ class Exchange:
             metrics.child(metrics.UPSTREAM_ERRORS, target_label, self.upstream_error).inc()
         if self.think_blocks:
             metrics.child(metrics.THINKING_STRIPPED, target_label).inc(self.think_blocks)
+        # A client that left before any answer: what the upstream did not take was the proxy's.
+        overhead = self.overhead if self.overhead is not None else duration - self.upstream_seconds
+        metrics.child(metrics.PROXY_OVERHEAD, self.endpoint).observe(max(overhead, 0.0))
+        usage = self.usage
+        if usage is not None:
+            metrics.child(metrics.TOKENS, source_label, target_label, "prompt").inc(usage.prompt)
+            if usage.completion is not None:
+                metrics.child(metrics.TOKENS, source_label, target_label, "completion").inc(usage.completion)
+            if self.per_token is not None:
+                metrics.child(metrics.TIME_PER_OUTPUT_TOKEN, target_label).observe(self.per_token)
         log.info(
             "request",
             endpoint=self.endpoint,

@@ -25,9 +25,11 @@ async def list_models(request: Request, exchange: Exchange) -> HTTPResponse:
     alias of MODEL_MAP that no backend names. A backend that fails is left out, logged; only when
     none answers does the client get the default backend's answer or error."""
     names = list(exchange.settings.backends)
+    exchange.to_upstream()
     results = await asyncio.gather(
         *(_upstream_models(request, exchange, name) for name in names), return_exceptions=True
     )
+    exchange.from_upstream()
     listing: dict[str, Any] | None = None
     entries: list[Any] = []
     present: set[str] = set()
@@ -73,7 +75,11 @@ async def get_model(request: Request, exchange: Exchange, model_id: str) -> HTTP
         return await dispatch(request, exchange, b"", lambda _: b"")
     target = resolution.targets[0]
     exchange.target, exchange.backend = target, target.upstream
-    listing = await _upstream_models(request, exchange, target.upstream)
+    exchange.to_upstream()
+    try:
+        listing = await _upstream_models(request, exchange, target.upstream)
+    finally:
+        exchange.from_upstream()
     if isinstance(listing, HTTPResponse):
         note_status(exchange, listing.status)
         return listing

@@ -66,6 +66,25 @@ THINKING_STRIPPED = Counter(
     "Think blocks taken out of answers (dropped, or moved to reasoning_content).",
     ["target_model"],
 )
+TOKENS = Counter(
+    "rerouter_tokens_total",
+    "Tokens the upstream reported in its answers' usage, by requested and served model; "
+    "kind prompt or completion.",
+    ["source_model", "target_model", "kind"],
+)
+PROXY_OVERHEAD = Histogram(
+    "rerouter_proxy_overhead_seconds",
+    "Time spent in the proxy itself: before the request went upstream, and for answers read "
+    "whole after the upstream's answer was complete (the Server-Timing proxy;dur).",
+    ["endpoint"],
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05),
+)
+TIME_PER_OUTPUT_TOKEN = Histogram(
+    "rerouter_time_per_output_token_seconds",
+    "Streams with usage: (last content event - first content event) / (completion tokens - 1).",
+    ["target_model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5),
+)
 CONFIG_RELOADS = Counter(
     "rerouter_config_reload_total",
     "Settings reloads in each worker (file change or SIGHUP): success, or error (old settings kept).",

@@ -20,6 +20,7 @@ from typing import Any
 
 import orjson
 
+from service import usage
 from service.errors import ProxyError
 from service.mapping import ModelMap, Resolution
 from service.params import ParamPolicy
@@ -40,6 +41,7 @@ class Rewritten:
     body: bytes
     resolution: Resolution | None
     stream: bool = False
+    usage_added: bool = False  # the stream asks for a usage chunk the client did not ask for
 
 
 def _reject_constant(name: str) -> Any:
@@ -132,11 +134,13 @@ def reads_as_json(raw: bytes, content_type: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """What the settings ask of a body besides its model: thinking switch, parameter policy."""
+    """What the settings ask of a body besides its model: thinking switch, parameter policy,
+    usage on every stream (STREAM_USAGE=always)."""
 
     thinking: ThinkingPolicy
     params: ParamPolicy = field(default_factory=ParamPolicy)
     max_model_id: int = DEFAULT_MAX_MODEL_ID
+    stream_usage: bool = False
 
 
 def is_unicode(text: str) -> bool:
@@ -199,7 +203,8 @@ def _rewrite_json(
     completion: str | None = None,
 ) -> Rewritten:
     """The model, then (completions only) the thinking switch, then the parameter policy, each
-    as the chosen target's route and the settings ask."""
+    as the chosen target's route and the settings ask, then (streamed completions only) the
+    usage chunk."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
     resolution, changed = _resolve_in(body, model_map, choice, policy.max_model_id)
@@ -212,9 +217,11 @@ def _rewrite_json(
             changed = policy.params.apply(body, target.model, target.route.params) or changed
     elif completion is not None:
         changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
+    stream = body.get("stream") is True
+    added = completion is not None and stream and policy.stream_usage and usage.ask_for_usage(body)
     # A key named twice: the upstream gets what the proxy read, not a parse of its own.
-    forwarded = dumps(body) if changed or may_repeat_keys(raw, body) else raw
-    return Rewritten(forwarded, resolution, body.get("stream") is True)
+    forwarded = dumps(body) if changed or added or may_repeat_keys(raw, body) else raw
+    return Rewritten(forwarded, resolution, stream, added)
 
 
 def _resolve_in(

@@ -16,7 +16,7 @@ import structlog
 from sanic import Request
 from sanic.response import HTTPResponse
 
-from service import access, payload, renaming, upstream
+from service import access, payload, renaming, upstream, usage
 from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
@@ -27,18 +27,24 @@ log = structlog.get_logger("rerouter")
 
 @dataclass(frozen=True, slots=True)
 class StreamFilter:
-    """SSE filters in a row: think stripping, then renaming (either may be absent)."""
+    """SSE filters in a row: the usage chunk the client did not ask for out, think stripping,
+    then renaming (any may be absent)."""
 
     think: ThinkStream | None
     rename: renaming.RenameStream | None
+    drop: usage.UsageDrop | None = None
 
     def feed(self, chunk: bytes) -> bytes:
-        if self.think is not None:
+        if self.drop is not None:
+            chunk = self.drop.feed(chunk)
+        if self.think is not None and chunk:
             chunk = self.think.feed(chunk)
         return self.rename.feed(chunk) if self.rename is not None and chunk else chunk
 
     def close(self) -> bytes:
-        tail = self.think.close() if self.think is not None else b""
+        tail = self.drop.close() if self.drop is not None else b""
+        if self.think is not None:
+            tail = (self.think.feed(tail) if tail else b"") + self.think.close()
         if self.rename is not None:
             tail = (self.rename.feed(tail) if tail else b"") + self.rename.close()
         return tail
@@ -94,12 +100,14 @@ async def relay(
     bytes are relayed untouched. Unless ``last``, a 5xx or 429 is not relayed but tried again.
     """
     settings = exchange.settings
+    rewrite = think != "keep" or rename is not None or exchange.hide_usage
+    exchange.to_upstream()
     async with upstream.call(
         request.app.ctx.session,
         request.method,
         upstream_url(request, url),
         data=body or None,
-        headers=headers_up(request, exchange, backend, identity=think != "keep" or rename is not None),
+        headers=headers_up(request, exchange, backend, identity=rewrite),
         limits=upstream.limits(settings, backend, whole=not exchange.stream),
     ) as answer:
         if not last and (answer.status >= 500 or answer.status == 429):
@@ -107,7 +115,7 @@ async def relay(
         note_status(exchange, answer.status)
         headers = upstream.response_headers(answer.headers.items())
         event_stream = answer.content_type == "text/event-stream"
-        transform = answer.status == 200 and (think != "keep" or rename is not None)
+        transform = answer.status == 200 and rewrite
         encoding = answer.headers.get("content-encoding", "identity").lower()
         if transform and encoding not in ("", "identity"):
             # Asked for identity, got it compressed anyway: relayed as it came, not rewritten.
@@ -116,6 +124,7 @@ async def relay(
         chat = exchange.endpoint == "chat/completions"
         json_answer = answer.content_type == "application/json"
         gap = settings.read_timeout(backend)
+        counted = usage.counted(request.method, request.path, exchange.endpoint)
         if not event_stream and (
             json_answer
             or answer.content_length is not None
@@ -124,15 +133,21 @@ async def relay(
         ):
             with upstream.BodyReader(answer, gap) as reader:
                 data = await reader.whole()
+            exchange.from_upstream()
+            if json_answer and answer.status == 200 and counted:
+                exchange.usage = usage.find(data)
             if transform and json_answer:
                 data = _transformed(data, think, chat, rename, exchange)
             return HTTPResponse(data, status=answer.status, headers=headers)
         stream = (
-            _stream_filter(think, chat, rename, settings.think_tags, settings.max_sse_event_bytes)
+            _stream_filter(
+                think, chat, rename, exchange.hide_usage, settings.think_tags, settings.max_sse_event_bytes
+            )
             if transform and event_stream
             else None
         )
-        await _stream(request, exchange, answer, headers, gap, stream)
+        meter = usage.StreamMeter() if answer.status == 200 and counted else None
+        await _stream(request, exchange, answer, headers, gap, stream, meter)
         return None
 
 
@@ -143,13 +158,13 @@ def _transformed(data: bytes, think: str, chat: bool, rename: str | None, exchan
 
 
 def _stream_filter(
-    think: str, chat: bool, rename: str | None, tags: ThinkTags, max_event: int
+    think: str, chat: bool, rename: str | None, hide_usage: bool, tags: ThinkTags, max_event: int
 ) -> StreamFilter:
-    """Think stripping, then renaming, each an SSE filter of its own (bytes in, bytes out), each
-    holding at most ``max_event`` bytes of an event (MAX_SSE_EVENT_BYTES)."""
+    """Usage chunk out, think stripping, renaming, each an SSE filter of its own (bytes in, bytes
+    out), each holding at most ``max_event`` bytes of an event (MAX_SSE_EVENT_BYTES)."""
     stripper = ThinkStream(think, chat, tags, max_event) if think != "keep" else None
     renamer = renaming.RenameStream(rename, max_event) if rename is not None else None
-    return StreamFilter(stripper, renamer)
+    return StreamFilter(stripper, renamer, usage.UsageDrop(max_event) if hide_usage else None)
 
 
 def _without_think(data: bytes, mode: str, chat: bool, exchange: Exchange) -> bytes:
@@ -176,13 +191,15 @@ async def _stream(
     headers: list[tuple[str, str]],
     gap: float,
     think: StreamFilter | None,
+    meter: usage.StreamMeter | None = None,
 ) -> None:
-    """Relay chunks as they arrive (through ``think`` when given). An upstream failure mid-way
-    closes the client's connection without the final chunk, so the client sees a broken stream
-    rather than a clean end."""
+    """Relay chunks as they arrive (through ``think`` when given, each seen by ``meter`` as it
+    came). An upstream failure mid-way closes the client's connection without the final chunk,
+    so the client sees a broken stream rather than a clean end."""
     tags = exchange.tags()
     headers = [(name, value) for name, value in headers if name.lower() not in tags]
     headers.extend(tags.items())
+    headers.append(("server-timing", exchange.stream_timing()))
     if answer.content_type == "text/event-stream":
         headers.append(("x-accel-buffering", "no"))
     with upstream.BodyReader(answer, gap) as body:
@@ -192,6 +209,8 @@ async def _stream(
         try:
             chunk = first
             while chunk:
+                if meter is not None:
+                    meter.feed(chunk)
                 data = chunk if think is None else think.feed(chunk)
                 if data:
                     if exchange.first_byte is None:
@@ -210,5 +229,8 @@ async def _stream(
         finally:
             if think is not None:
                 exchange.think_blocks = think.stripped
+    if meter is not None:
+        exchange.usage = found = meter.usage()
+        exchange.per_token = meter.per_token(found) if found is not None else None
     await response.eof()
     exchange.outcome = "completed"

@@ -30,12 +30,14 @@ model it is asked for, so one server covers every case:
   instead of ``<think>``;
 - ``qwen3-instruct...``: the same model without thinking: the same answers and events, no tags;
 - ``paced-<n>x<ms>``: paced answers for timeout tests. Streamed: ``n`` events with ``ms``
-  milliseconds of silence between them, then ``[DONE]``. Not streamed: the JSON answer, sent
+  milliseconds of silence between them, a usage chunk (``n`` completion tokens) when
+  ``stream_options.include_usage``, then ``[DONE]``. Not streamed: the JSON answer, sent
   with its Content-Length in ``n`` pieces ``ms`` apart; ``paced-<n>x<ms>-chunked`` without a
   Content-Length (chunked).
 
-Non-completion paths echo what they received as JSON. ``in_flight`` counts the requests being
-answered right now (streams until their last byte) and ``peak_in_flight`` the most at once.
+Non-completion paths echo what they received as JSON; a POST to ``/v1/embeddings`` or
+``/v1/responses`` adds the usage such an answer carries (``ECHO_USAGE``). ``in_flight`` counts
+the requests being answered right now (streams until their last byte) and ``peak_in_flight`` the most at once.
 ``models`` is what ``/v1/models`` lists (``MODELS`` unless given), each ``owned_by`` the server's
 ``owned_by``; ``start(port)`` may ask for a given port, and ``stop()`` closes the server again.
 """
@@ -64,6 +66,10 @@ QWEN_TEXT_ID = "cmpl-qwen-fake"
 # The sizes the text is cut into, in turn: "<th", "ink>", "\n\n</", "think>", "\n\n", ...
 QWEN_PIECES = (3, 4, 4, 6, 2, 5)
 QWEN_USAGE = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+ECHO_USAGE = {
+    "/v1/embeddings": {"prompt_tokens": 4, "total_tokens": 4},
+    "/v1/responses": {"input_tokens": 7, "output_tokens": 2, "total_tokens": 9},
+}
 
 
 def is_qwen_thinker(model: str) -> bool:
@@ -172,10 +178,10 @@ class FakeUpstream:
         if request.content_type == "application/json" and seen.body:
             with contextlib.suppress(ValueError):
                 model = orjson.loads(seen.body).get("model")
-        return web.json_response(
-            {"path": seen.path, "method": seen.method, "model": model, "bytes": len(seen.body)},
-            headers={"X-Upstream-Echo": "yes"},
-        )
+        answer = {"path": seen.path, "method": seen.method, "model": model, "bytes": len(seen.body)}
+        if request.method == "POST" and request.path in ECHO_USAGE:
+            answer["usage"] = ECHO_USAGE[request.path]
+        return web.json_response(answer, headers={"X-Upstream-Echo": "yes"})
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         seen = await self._record(request)
@@ -190,7 +196,7 @@ class FakeUpstream:
         if model.startswith(("cut-after-", "stall-after-")):
             return await _broken(request, model, chat, bool(body.get("stream")))
         if model.startswith("paced-"):
-            return await _paced(request, model, chat, bool(body.get("stream")))
+            return await _paced(request, body, chat)
         if is_qwen(model):
             return await self._qwen(request, body, chat)
         if body.get("stream"):
@@ -306,8 +312,9 @@ class FakeUpstream:
         return response
 
 
-async def _paced(request: web.Request, model: str, chat: bool, stream: bool) -> web.StreamResponse:
+async def _paced(request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
     """``paced-<n>x<ms>[-chunked]``: n pieces with ms of silence between them."""
+    model, stream = str(body["model"]), bool(body.get("stream"))
     count, _, pause = model.removeprefix("paced-").removesuffix("-chunked").partition("x")
     pieces, interval = int(count), int(pause) / 1000
     if stream:
@@ -317,6 +324,11 @@ async def _paced(request: web.Request, model: str, chat: bool, stream: bool) -> 
             if index:
                 await asyncio.sleep(interval)
             await response.write(_event(model, chat, f"piece {index} "))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            usage = {"prompt_tokens": 2, "completion_tokens": pieces, "total_tokens": 2 + pieces}
+            chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
+            await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         return response
     text = f"reply from {model}"
