@@ -226,9 +226,9 @@ def render(results: dict[str, Any]) -> str:
             added = proxy_p50 - floor_p50 if proxy_p50 is not None and floor_p50 is not None else None
             rows.append(
                 f"  proxy overhead per rerouter_proxy_overhead_seconds ({seen['count']:,.0f} requests): "
-                f"mean {_fmt(seen['mean_us'])} us, p50 {_fmt(seen['p50_us'])} us, "
-                f"p99 {_fmt(seen['p99_us'])} us; the benchmark's own figure "
-                f"(p50 @1 conn, proxy - floor): {_fmt(added)} us"
+                f"mean {fmt(seen['mean_us'])} us, p50 {fmt(seen['p50_us'])} us, "
+                f"p99 {fmt(seen['p99_us'])} us; the benchmark's own figure "
+                f"(p50 @1 conn, proxy - floor): {fmt(added)} us"
             )
         row(f"stream=true req/s @{meta['profile']['connections']} (20-event canned)", pick(ns, "stream_rps"))
         row("  errors (wrk)", pick(ns, "errors"), ratios=False)
