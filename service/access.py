@@ -15,7 +15,7 @@ from urllib.parse import unquote
 from service.errors import ProxyError
 
 # Replaced, not forwarded, when the proxy sends its own key upstream.
-CREDENTIAL_HEADERS = ("authorization", "api-key")
+CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
 def parse_keys(value: str) -> tuple[str, ...]:
@@ -34,14 +34,15 @@ def read_keys_file(path: str) -> tuple[str, ...]:
 
 
 def presented_key(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The key a client sent as ``Authorization: Bearer <key>`` or ``api-key: <key>``."""
+    """The key a client sent as ``Authorization: Bearer <key>``, ``api-key: <key>`` (Azure
+    OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's)."""
     for name, value in headers:
         lowered = name.lower()
         if lowered == "authorization":
             scheme, _, token = value.strip().partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
-        elif lowered == "api-key" and value.strip():
+        elif lowered in ("api-key", "x-api-key") and value.strip():
             return value.strip()
     return None
 

@@ -21,12 +21,12 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import access, backends, listing, logs, metrics, payload, reload, upstream
+from service import access, backends, cors, listing, logs, metrics, payload, reload, upstream
 from service.backends import DEFAULT_BACKEND
 from service.config import Settings
 from service.dispatch import dispatch
 from service.errors import ProxyError
-from service.exchange import Exchange, endpoint_of
+from service.exchange import Exchange, endpoint_of, is_anthropic, why_cancelled
 from service.relay import upstream_url
 
 log = structlog.get_logger("rerouter")
@@ -80,7 +80,8 @@ def create_app(
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         code = "not_found" if exc.status_code == 404 else "invalid_request"
-        return ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None)).response()
+        error = ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None))
+        return error.response(anthropic=is_anthropic(endpoint_of(request.path)))
 
     @app.exception(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -90,8 +91,8 @@ def create_app(
     app.add_route(healthz, "/healthz", methods=["GET", "HEAD"])
     app.add_route(readyz, "/readyz", methods=["GET", "HEAD"])
     app.add_route(metrics_page, "/metrics", methods=["GET"])
-    app.add_route(list_models, "/v1/models", methods=["GET"])
-    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"])
+    app.add_route(list_models, "/v1/models", methods=["GET", "OPTIONS"])
+    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET", "OPTIONS"])
     app.add_route(
         proxy,
         "/v1/<path:path>",
@@ -105,30 +106,31 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     exchange = Exchange.begin(request, endpoint)
     try:
         access.check_path(request.path)
-        if exchange.settings.api_keys:
-            access.check_key(exchange.settings.api_keys, request.headers.items())
-        response: HTTPResponse | None = await handler(request, exchange, *args)
+        response: HTTPResponse | None = cors.preflight(request, exchange.settings.cors_allow_origins)
+        if response is None:
+            if exchange.settings.api_keys:
+                access.check_key(exchange.settings.api_keys, request.headers.items())
+            response = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
-            response.headers.update(exchange.tags())
+            exchange.stamp(response.headers)
         return response
     except ProxyError as exc:
         exchange.status = exc.status
         if isinstance(exc, upstream.UpstreamError):
             exchange.upstream_error = exc.reason
-        error = exc.response()
-        error.headers.update(exchange.tags())
+        error = exc.response(anthropic=exchange.anthropic)
+        exchange.stamp(error.headers)
         return error
     except Exception:
         log.exception("unexpected error")
         exchange.status = 500
-        error = ProxyError(500, "the proxy failed to handle this request", "internal_error").response()
-        error.headers.update(exchange.tags())
+        failure = ProxyError(500, "the proxy failed to handle this request", "internal_error")
+        error = failure.response(anthropic=exchange.anthropic)
+        exchange.stamp(error.headers)
         return error
     except asyncio.CancelledError:
-        exchange.status = 499
-        if exchange.outcome is not None:
-            exchange.outcome = "client_disconnected"
+        exchange.cancelled(why_cancelled(request))
         raise
     finally:
         # After the answer is written: Sanic sends a returned response before the loop runs this.
@@ -161,10 +163,13 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
 
 
 async def list_models(request: Request) -> HTTPResponse | None:
-    return await observed(request, "models", listing.list_models)
+    """OPTIONS (a preflight, when the proxy does not answer it) goes to the upstream as it came."""
+    return await observed(request, "models", _forward if request.method == "OPTIONS" else listing.list_models)
 
 
 async def get_model(request: Request, model_id: str) -> HTTPResponse | None:
+    if request.method == "OPTIONS":
+        return await observed(request, "models", _forward)
     return await observed(request, "models", listing.get_model, unquote(model_id))
 
 

@@ -22,6 +22,7 @@ import yaml
 from service import __version__
 from service.access import parse_keys, read_keys_file
 from service.backends import BACKOFF_CAP, Backend, parse_upstream_url, parse_upstreams, with_default
+from service.cors import parse_origins
 from service.mapping import MappingError, ModelMap, is_regex_key
 from service.params import ParamPolicy, ParamsError
 from service.payload import Policy
@@ -64,6 +65,8 @@ class Settings:
     upstream_cooldown: float = 10.0
     response_model: str = "upstream"
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
+    stream_keepalive_seconds: float = 15.0
+    cors_allow_origins: tuple[str, ...] = ()
     demo: bool = False
 
     @property
@@ -344,6 +347,18 @@ OPTIONS = (
         "model_params",
         _json_object(ParamPolicy.parse, ParamsError),
         "JSON object: target id or /regex/ -> {defaults, overrides, drop}",
+    ),
+    _Option(
+        "STREAM_KEEPALIVE_SECONDS",
+        "stream_keepalive_seconds",
+        _seconds(zero_ok=True),
+        "send an SSE comment when a stream sent nothing for this long; 0 = never (default 15)",
+    ),
+    _Option(
+        "CORS_ALLOW_ORIGINS",
+        "cors_allow_origins",
+        parse_origins,
+        "browser origins (comma-separated, or *) the proxy answers CORS for (default none: passed through)",
     ),
     _Option(
         "CONFIG_FILE",

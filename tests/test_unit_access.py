@@ -94,23 +94,26 @@ def test_read_keys_file_errors_name_the_file_and_never_its_content(tmp_path: Pat
         ([("Authorization", "Bearer   ")], None),
         ([("Authorization", "k")], None),
         ([("api-key", "  ")], None),
-        ([("x-api-key", "k")], None),
+        ([("x-api-key", "k")], "k"),
+        ([("X-Api-Key", " k ")], "k"),
+        ([("x-api-key", "")], None),
         ([("Proxy-Authorization", "Bearer k")], None),
         ([("Cookie", "k")], None),
         ([], None),
         ([("Authorization", "Basic azpr"), ("api-key", "k")], "k"),
     ],
 )
-def test_presented_key_reads_bearer_or_api_key_only(
+def test_presented_key_reads_bearer_api_key_or_x_api_key_only(
     headers: list[tuple[str, str]], expected: str | None
 ) -> None:
     assert presented_key(headers) == expected
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_every_configured_key_passes_in_either_header(key: str) -> None:
+def test_every_configured_key_passes_in_any_key_header(key: str) -> None:
     check_key(KEYS, bearer(key))
     check_key(KEYS, [("api-key", key)])
+    check_key(KEYS, [("x-api-key", key)])
     check_key(KEYS, [("Content-Type", "application/json"), ("authorization", f"bearer {key}")])
 
 
@@ -130,7 +133,7 @@ def test_every_configured_key_passes_in_either_header(key: str) -> None:
         pytest.param([("Authorization", "Basic sk-alpha-0001")], id="basic-scheme"),
         pytest.param([("Authorization", "Token sk-alpha-0001")], id="token-scheme"),
         pytest.param([("Authorization", "sk-alpha-0001")], id="no-scheme"),
-        pytest.param([("x-api-key", "sk-alpha-0001")], id="x-api-key"),
+        pytest.param([("x-api-key", "sk-alpha-000")], id="x-api-key-prefix"),
         pytest.param([("Proxy-Authorization", "Bearer sk-alpha-0001")], id="proxy-authorization"),
         pytest.param(bearer("sk-alpha-0001\x00"), id="nul-suffix"),
         pytest.param(bearer("sk-alphä-0001"), id="non-ascii"),

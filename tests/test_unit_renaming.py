@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.relay import StreamFilter
 from service.reasoning import ThinkStream
+from service.relay import StreamFilter
 from service.renaming import RenameStream, rename_json
 from service.sse import SSEParser, encode_data
 
