@@ -106,11 +106,14 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     exchange = Exchange.begin(request, endpoint)
     try:
         access.check_path(request.path)
-        response: HTTPResponse | None = cors.preflight(request, exchange.settings.cors_allow_origins)
-        if response is None:
-            if exchange.settings.api_keys:
-                access.check_key(exchange.settings.api_keys, request.headers.items())
-            response = await handler(request, exchange, *args)
+        preflight = cors.preflight(request, exchange.settings.cors_allow_origins)
+        if preflight is not None:  # answered before the key check: browsers send none with it
+            exchange.status = preflight.status
+            preflight.headers.update(exchange.tags())
+            return preflight
+        if exchange.settings.api_keys:
+            access.check_key(exchange.settings.api_keys, request.headers.items())
+        response: HTTPResponse | None = await handler(request, exchange, *args)
         if response is not None:
             exchange.status = response.status
             exchange.stamp(response.headers)
