@@ -106,7 +106,9 @@ def rewrite(
             raise ProxyError(400, "request body must be a JSON object", "invalid_json")
         return _rewrite_json(raw, body, model_map, policy, choice, endpoint)
     if raw and is_json(content_type):
-        return _rewrite_json(raw, loads(raw), model_map, policy, choice)
+        return _rewrite_json(
+            raw, loads(raw), model_map, policy, choice, "messages" if endpoint == "messages" else None
+        )
     if raw and content_type.lower().startswith("multipart/form-data"):
         return _rewrite_multipart(raw, content_type, model_map, choice)
     return Rewritten(raw, None)
@@ -120,18 +122,22 @@ def _rewrite_json(
     choice: int,
     completion: str | None = None,
 ) -> Rewritten:
-    """The model, then (completions only) the thinking switch, then the parameter policy."""
+    """The model, then (completions and Anthropic's messages only) the thinking switch, then the
+    parameter policy."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
     resolution, changed = _resolve_in(body, model_map, choice)
     if resolution is not None:
         target = resolution.targets[choice].model
         if completion is not None:
-            changed = policy.thinking.apply(body, target, chat=completion == "chat/completions") or changed
+            changed = (
+                policy.thinking.apply(body, target, chat=completion != "completions", kind=completion)
+                or changed
+            )
         if policy.params:
             changed = policy.params.apply(body, target) or changed
     elif completion is not None:
-        changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
+        changed = policy.thinking.apply(body, "", chat=completion != "completions", kind=completion)
     return Rewritten(dumps(body) if changed else raw, resolution, body.get("stream") is True)
 
 

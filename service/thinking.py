@@ -103,13 +103,15 @@ class ThinkingPolicy:
             return self.output
         return "strip" if self.disabled_for(model) else "keep"
 
-    def apply(self, body: dict[str, Any], model: str, chat: bool) -> bool:
-        """Switch thinking off in a request for ``model``; True when the body changed."""
+    def apply(self, body: dict[str, Any], model: str, chat: bool, kind: str = "") -> bool:
+        """Switch thinking off in a request for ``model``; True when the body changed. Anthropic's
+        ``messages`` (same message shape as chat) take the suffix only: their servers have no
+        template flag to pass on."""
         if not self.disabled_for(model):
             return False
         changed = False
         if self.switch in ("suffix", "both"):
             changed = (disable_in_chat(body) if chat else disable_in_completion(body)) or changed
-        if self.switch in ("template", "both") and chat:
+        if self.switch in ("template", "both") and chat and kind != "messages":
             changed = disable_in_template(body) or changed
         return changed
