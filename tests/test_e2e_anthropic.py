@@ -60,7 +60,9 @@ def test_sdk_message_is_rewritten_and_labelled(messages_proxy: Proxy, upstream: 
         body["messages"][0]["content"] == "Wetter in Köln? /no_think"
     )  # the suffix switch, no template flag
     assert "chat_template_kwargs" not in body
-    assert sent.headers["x-api-key"] == KEY  # no UPSTREAM_API_KEY: the client's credential goes on
+    # This SDK sends its key as a Bearer token to a base_url of its own; without UPSTREAM_API_KEY
+    # the client's credential goes on.
+    assert sent.headers["Authorization"] == f"Bearer {KEY}"
 
     def counted() -> None:
         assert requests_total(messages_proxy, endpoint="messages", status_code="200") == before + 1
@@ -84,6 +86,7 @@ def test_sdk_stream_sync_and_async(messages_proxy: Proxy) -> None:
 
 
 def test_stream_bytes_are_the_upstreams(messages_proxy: Proxy, upstream: FakeUpstream) -> None:
+    """Sent as Claude Code does, the key in ``x-api-key`` only."""
     body = {
         "model": "qwen3-4b",
         "max_tokens": 8,
