@@ -76,10 +76,12 @@ def test_sdk_stream_sync_and_async(messages_proxy: Proxy) -> None:
         assert stream.get_final_message().stop_reason == "end_turn"
 
     async def run() -> str:
-        async_client = anthropic.AsyncAnthropic(
-            base_url=messages_proxy.url, api_key=KEY, max_retries=0, timeout=10
-        )
-        async with async_client.messages.stream(model="claude-y", max_tokens=64, messages=MESSAGES) as stream:
+        async with (
+            anthropic.AsyncAnthropic(
+                base_url=messages_proxy.url, api_key=KEY, max_retries=0, timeout=10
+            ) as sdk,
+            sdk.messages.stream(model="claude-y", max_tokens=64, messages=MESSAGES) as stream,
+        ):
             return "".join([text async for text in stream.text_stream])
 
     assert asyncio.run(run()) == "reply from qwen3-4b"
