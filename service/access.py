@@ -14,8 +14,7 @@ from urllib.parse import unquote
 
 from service.errors import ProxyError
 
-# Replaced, not forwarded, when the proxy sends its own key upstream (x-api-key: Anthropic-API
-# clients' key header).
+# Replaced, not forwarded, when the proxy sends its own key upstream.
 CREDENTIAL_HEADERS = ("authorization", "api-key", "x-api-key")
 
 
@@ -35,8 +34,8 @@ def read_keys_file(path: str) -> tuple[str, ...]:
 
 
 def presented_key(headers: Iterable[tuple[str, str]]) -> str | None:
-    """The key a client sent as ``Authorization: Bearer <key>``, ``api-key: <key>`` or
-    ``x-api-key: <key>`` (how Anthropic-API clients send theirs)."""
+    """The key a client sent as ``Authorization: Bearer <key>``, ``api-key: <key>`` (Azure
+    OpenAI's clients) or ``x-api-key: <key>`` (Anthropic's)."""
     for name, value in headers:
         lowered = name.lower()
         if lowered == "authorization":

@@ -21,12 +21,12 @@ from sanic import Request, Sanic
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from service import access, backends, guard, listing, logs, metrics, payload, reload, upstream
+from service import access, backends, cors, guard, listing, logs, metrics, payload, reload, upstream
 from service.backends import DEFAULT_BACKEND
 from service.config import Settings
 from service.dispatch import dispatch
 from service.errors import ProxyError
-from service.exchange import Exchange, endpoint_of
+from service.exchange import Exchange, endpoint_of, is_anthropic, why_cancelled
 
 log = structlog.get_logger("rerouter")
 
@@ -83,7 +83,8 @@ def create_app(
     @app.exception(SanicException)
     async def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         code = _SANIC_CODES.get(exc.status_code, "invalid_request")
-        return ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None)).response()
+        error = ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None))
+        return error.response(anthropic=is_anthropic(endpoint_of(request.path)))
 
     @app.exception(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -95,8 +96,8 @@ def create_app(
     app.add_route(healthz, "/healthz", methods=["GET", "HEAD"], stream=True)
     app.add_route(readyz, "/readyz", methods=["GET", "HEAD"], stream=True)
     app.add_route(metrics_page, "/metrics", methods=["GET"], stream=True)
-    app.add_route(list_models, "/v1/models", methods=["GET"], stream=True)
-    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET"], stream=True)
+    app.add_route(list_models, "/v1/models", methods=["GET", "OPTIONS"], stream=True)
+    app.add_route(get_model, "/v1/models/<model_id:path>", methods=["GET", "OPTIONS"], stream=True)
     app.add_route(
         proxy,
         "/v1/<path:path>",
@@ -112,6 +113,11 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
     try:
         # Admission runs on the head alone: no body byte is read before it lets a request in.
         access.check_path(request.path)
+        preflight = cors.preflight(request, exchange.settings.cors_allow_origins)
+        if preflight is not None:  # answered before the key check: browsers send none with it
+            exchange.status = preflight.status
+            preflight.headers.update(exchange.tags())
+            return preflight
         if exchange.settings.api_keys:
             access.check_key(exchange.settings.api_keys, request.headers.items())
         await guard.read_body(request, exchange.settings)
@@ -124,16 +130,14 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
         exchange.status = exc.status
         if isinstance(exc, upstream.UpstreamError):
             exchange.upstream_error = exc.reason
-        return _tag(exc.response(), exchange)
+        return _tag(exc.response(anthropic=exchange.anthropic), exchange)
     except Exception:
         log.exception("unexpected error")
         exchange.status = 500
         error = ProxyError(500, "the proxy failed to handle this request", "internal_error")
-        return _tag(error.response(), exchange)
+        return _tag(error.response(anthropic=exchange.anthropic), exchange)
     except asyncio.CancelledError:
-        exchange.status = 499
-        if exchange.outcome is not None:
-            exchange.outcome = "client_disconnected"
+        exchange.cancelled(why_cancelled(request))
         raise
     finally:
         # After the answer is written: Sanic sends a returned response before the loop runs this.
@@ -143,7 +147,7 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
 def _tag(response: HTTPResponse, exchange: Exchange) -> HTTPResponse:
     """The exchange's headers on an answer sent whole; Server-Timing is added last, after any the
     upstream sent, so the proxy's time covers everything up to here."""
-    response.headers.update(exchange.tags())
+    exchange.stamp(response.headers)
     response.headers.add("server-timing", exchange.timing())
     return response
 
@@ -188,10 +192,13 @@ def _one_content_type(request: Request) -> str:
 
 
 async def list_models(request: Request) -> HTTPResponse | None:
-    return await observed(request, "models", listing.list_models)
+    """OPTIONS (a preflight, when the proxy does not answer it) goes to the upstream as it came."""
+    return await observed(request, "models", _forward if request.method == "OPTIONS" else listing.list_models)
 
 
 async def get_model(request: Request, model_id: str) -> HTTPResponse | None:
+    if request.method == "OPTIONS":
+        return await observed(request, "models", _forward)
     return await observed(request, "models", listing.get_model, unquote(model_id))
 
 

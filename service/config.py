@@ -30,6 +30,7 @@ from service.backends import (
     parse_upstreams,
     with_default,
 )
+from service.cors import parse_origins
 from service.mapping import MappingError, ModelMap
 from service.params import ParamPolicy, ParamsError
 from service.patterns import compile_key, is_regex_key
@@ -85,6 +86,8 @@ class Settings:
     model_params: ParamPolicy = field(default_factory=ParamPolicy)
     max_model_id_length: int = 256
     max_sse_event_bytes: int = 1024 * 1024
+    stream_keepalive_seconds: float = 15.0
+    cors_allow_origins: tuple[str, ...] = ()
     demo: bool = False
 
     @property
@@ -645,6 +648,28 @@ OPTIONS = (
         example="4194304",
         section=_LIMITS,
         see="security.md",
+    ),
+    _Option(
+        "STREAM_KEEPALIVE_SECONDS",
+        "stream_keepalive_seconds",
+        _seconds(zero_ok=True),
+        "Seconds a stream may send the client nothing (think text withheld, a slow first token) "
+        "before an SSE comment keeps it alive; 0 = never.",
+        default="15",
+        example="10",
+        section=_SERVER,
+        see="reliability.md",
+    ),
+    _Option(
+        "CORS_ALLOW_ORIGINS",
+        "cors_allow_origins",
+        parse_origins,
+        "Browser origins (comma-separated, or *) the proxy answers CORS for itself. Unset: CORS "
+        "preflights and headers pass through to and from the upstream.",
+        default=None,
+        example="https://chat.example.com",
+        section=_SECURITY,
+        see="endpoints.md",
     ),
     _Option(
         "CONFIG_FILE",

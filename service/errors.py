@@ -21,6 +21,19 @@ _TYPES = {
 }
 
 
+# Anthropic's error types (https://docs.anthropic.com/en/api/errors), for /v1/messages clients.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
 class ProxyError(Exception):
     """Raised anywhere on the request path; the handler turns it into the client's answer."""
 
@@ -43,7 +56,14 @@ class ProxyError(Exception):
         error = {"message": self.message, "type": _TYPES.get(self.status, "api_error"), "code": self.code}
         return orjson.dumps({"error": error})
 
-    def response(self) -> HTTPResponse:
-        return HTTPResponse(
-            self.body(), status=self.status, headers=self.headers, content_type="application/json"
+    def anthropic_body(self) -> bytes:
+        """Anthropic's shape, which its SDKs read the message from; our code stays in the message."""
+        kind = _ANTHROPIC_TYPES.get(self.status, "api_error")
+        return orjson.dumps(
+            {"type": "error", "error": {"type": kind, "message": f"{self.message} ({self.code})"}}
         )
+
+    def response(self, *, anthropic: bool = False) -> HTTPResponse:
+        """The answer in OpenAI's shape, or Anthropic's for clients of its Messages API."""
+        body = self.anthropic_body() if anthropic else self.body()
+        return HTTPResponse(body, status=self.status, headers=self.headers, content_type="application/json")

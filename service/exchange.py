@@ -15,9 +15,11 @@ from functools import lru_cache
 from urllib.parse import quote
 
 import structlog
+from multidict import CIMultiDict
 from sanic import Request
+from sanic.exceptions import ServiceUnavailable
 
-from service import logs, metrics, payload
+from service import cors, logs, metrics, payload, sse
 from service.backends import DEFAULT_BACKEND, Replicas
 from service.config import Settings
 from service.mapping import Resolution, Target
@@ -45,8 +47,27 @@ _ENDPOINTS = frozenset(
         "uploads",
         "vector_stores",
         "fine_tuning",
+        "messages",
+        "messages/count_tokens",
     }
 )
+
+
+def why_cancelled(request: Request) -> str:
+    """Who ended a request whose handler was cancelled, the way Sanic itself tells: the server
+    aborts connections left at the end of GRACEFUL_SHUTDOWN_TIMEOUT (its protocol's transport is
+    then gone), RESPONSE_TIMEOUT leaves its exception on the request's stream; otherwise the
+    client went away."""
+    http = request.stream  # Sanic's connection state for this request
+    if getattr(getattr(http, "protocol", None), "transport", True) is None:
+        return "proxy_cut"
+    if isinstance(getattr(http, "exception", None), ServiceUnavailable):
+        return "timeout"
+    return "client_disconnected"
+
+
+def is_anthropic(endpoint: str) -> bool:
+    return endpoint.startswith("messages")
 
 
 def endpoint_of(path: str) -> str:
@@ -89,6 +110,10 @@ class Exchange:
     sent: float | None = None  # when the upstream call under way was sent
     upstream_seconds: float = 0.0  # spent waiting on the upstream, every attempt together
     overhead: float | None = None  # the proxy's own time, as Server-Timing reports it
+    # The last two pieces relayed to the client (references, not copies): did it get the end?
+    sent_before: bytes = b""
+    sent_last: bytes = b""
+    cors: cors.Answer = None
 
     @classmethod
     def begin(cls, request: Request, endpoint: str) -> Exchange:
@@ -97,7 +122,10 @@ class Exchange:
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         metrics.IN_FLIGHT.inc()
-        return cls(request_id, endpoint, request.app.ctx.settings, request.app.ctx.replicas)
+        settings: Settings = request.app.ctx.settings
+        exchange = cls(request_id, endpoint, settings, request.app.ctx.replicas)
+        exchange.cors = cors.answer_for(settings.cors_allow_origins, request.headers.get("origin"))
+        return exchange
 
     def tags(self) -> dict[str, str]:
         """Headers on every proxied response: the request id, the upstream, the served model
@@ -129,6 +157,31 @@ class Exchange:
         sent = self.sent if self.sent is not None else time.perf_counter()
         self.overhead = sent - self.started - self.upstream_seconds
         return f"proxy;dur={self.overhead * 1000:.3f}"
+
+    @property
+    def anthropic(self) -> bool:
+        """A client of Anthropic's Messages API: errors go out in its shape."""
+        return is_anthropic(self.endpoint)
+
+    def stamp(self, headers: CIMultiDict[str]) -> None:
+        """The proxy's own headers onto an answer, replacing same-named ones from the upstream."""
+        headers.update(self.tags())
+        if self.cors is not None:
+            cors.stamp(headers, self.cors)
+
+    def cancelled(self, cause: str) -> None:
+        """The handler was cancelled (``cause``: see ``why_cancelled``). A stream whose final
+        event was relayed is complete, whoever closed first: the sync openai SDK closes as soon
+        as it reads ``[DONE]``, before the upstream's end of body reaches the proxy."""
+        if self.outcome is not None and sse.ends_stream(self.sent_before + self.sent_last):
+            self.outcome = "completed"
+            return
+        if cause == "client_disconnected":
+            self.status = 499
+        elif self.outcome is None:
+            self.status = 503  # nothing was sent: Sanic answers 503, or the connection is cut
+        if self.outcome is not None:
+            self.outcome = cause
 
     @property
     def served(self) -> str | None:

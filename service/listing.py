@@ -15,7 +15,7 @@ from service.backends import DEFAULT_BACKEND
 from service.dispatch import dispatch
 from service.errors import ProxyError
 from service.exchange import Exchange
-from service.relay import headers_up, note_status, upstream_url
+from service.relay import Relayed, headers_up, note_status, upstream_url
 
 log = structlog.get_logger("rerouter")
 
@@ -31,14 +31,16 @@ async def list_models(request: Request, exchange: Exchange) -> HTTPResponse:
     )
     exchange.from_upstream()
     listing: dict[str, Any] | None = None
+    carried: list[tuple[str, str]] = []
     entries: list[Any] = []
     present: set[str] = set()
     answered: list[str] = []
     for name, result in zip(names, results, strict=True):
-        if isinstance(result, dict):
-            listing = listing or result
+        if isinstance(result, tuple):
+            if listing is None:
+                listing, carried = result[0], _cors_headers(result[1])
             answered.append(name)
-            for entry in result["data"]:
+            for entry in result[0]["data"]:
                 key = entry.get("id") if isinstance(entry, dict) else None
                 if isinstance(key, str):
                     if key in present:
@@ -62,7 +64,7 @@ async def list_models(request: Request, exchange: Exchange) -> HTTPResponse:
     exchange.backend = ",".join(answered)
     aliases = exchange.settings.model_map.aliases()
     listing["data"] = entries + [_alias_entry(alias) for alias in aliases if alias not in present]
-    return HTTPResponse(payload.dumps(listing), content_type="application/json")
+    return HTTPResponse(payload.dumps(listing), headers=carried, content_type="application/json")
 
 
 async def get_model(request: Request, exchange: Exchange, model_id: str) -> HTTPResponse | None:
@@ -77,15 +79,16 @@ async def get_model(request: Request, exchange: Exchange, model_id: str) -> HTTP
     exchange.target, exchange.backend = target, target.upstream
     exchange.to_upstream()
     try:
-        listing = await _upstream_models(request, exchange, target.upstream)
+        answer = await _upstream_models(request, exchange, target.upstream)
     finally:
         exchange.from_upstream()
-    if isinstance(listing, HTTPResponse):
-        note_status(exchange, listing.status)
-        return listing
+    if isinstance(answer, HTTPResponse):
+        note_status(exchange, answer.status)
+        return answer
+    listing, headers = answer
     for entry in listing["data"]:
         if isinstance(entry, dict) and entry.get("id") == target.model:
-            return json({**entry, "id": model_id})
+            return json({**entry, "id": model_id}, headers=_cors_headers(headers))
     raise ProxyError(
         404,
         f"model {model_id!r} maps to {target.model!r}, which upstream {target.upstream!r} does not list",
@@ -93,10 +96,12 @@ async def get_model(request: Request, exchange: Exchange, model_id: str) -> HTTP
     )
 
 
-async def _upstream_models(request: Request, exchange: Exchange, name: str) -> dict[str, Any] | HTTPResponse:
-    """A backend's /v1/models listing, or its non-200 answer to relay as it came. A replica that
-    fails (no connection, timeout, 5xx) hands over to the next one, so one dead replica does not
-    hide a backend whose others serve."""
+async def _upstream_models(
+    request: Request, exchange: Exchange, name: str
+) -> tuple[dict[str, Any], list[tuple[str, str]]] | HTTPResponse:
+    """A backend's /v1/models listing and its headers, or its non-200 answer to relay as it
+    came. A replica that fails (no connection, timeout, 5xx) hands over to the next one, so one
+    dead replica does not hide a backend whose others serve."""
     replicas = exchange.replicas[name]
     tried: set[str] = set()
     while True:
@@ -113,14 +118,14 @@ async def _upstream_models(request: Request, exchange: Exchange, name: str) -> d
         if status < 500 or last:
             break
     if status != 200:
-        return HTTPResponse(body, status=status, headers=headers)
+        return Relayed(body, status=status, headers=headers)
     try:
         listing = payload.loads(body)
     except ProxyError:
         listing = None
     if not isinstance(listing, dict) or not isinstance(listing.get("data"), list):
         raise upstream.UpstreamError(502, "the upstream's model list is not an OpenAI list", "bad_response")
-    return listing
+    return listing, headers
 
 
 async def _listing_from(
@@ -147,6 +152,12 @@ async def _listing_from(
         raise
     finally:
         replicas.done(url, healthy)
+
+
+def _cors_headers(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The upstream's CORS headers, kept on an answer the proxy builds from its list (when the
+    proxy answers CORS itself, ``Exchange.stamp`` replaces them)."""
+    return [(name, value) for name, value in headers if name.lower().startswith("access-control-")]
 
 
 def _alias_entry(alias: str) -> dict[str, Any]:

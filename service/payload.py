@@ -188,7 +188,9 @@ def rewrite(
             raise ProxyError(400, "request body must be a JSON object", "invalid_json")
         return _rewrite_json(raw, body, model_map, policy, choice, endpoint)
     if raw and reads_as_json(raw, content_type):
-        return _rewrite_json(raw, loads(raw), model_map, policy, choice)
+        return _rewrite_json(
+            raw, loads(raw), model_map, policy, choice, "messages" if endpoint == "messages" else None
+        )
     if raw and content_type.lower().startswith("multipart/form-data"):
         return _rewrite_multipart(raw, content_type, model_map, choice, policy.max_model_id)
     return Rewritten(raw, None)
@@ -202,23 +204,25 @@ def _rewrite_json(
     choice: int,
     completion: str | None = None,
 ) -> Rewritten:
-    """The model, then (completions only) the thinking switch, then the parameter policy, each
-    as the chosen target's route and the settings ask, then (streamed completions only) the
-    usage chunk."""
+    """The model, then (completions and Anthropic's messages only) the thinking switch, then the
+    parameter policy, each as the chosen target's route and the settings ask, then (streamed
+    completions only) the usage chunk."""
     if not isinstance(body, dict):
         return Rewritten(raw, None)
     resolution, changed = _resolve_in(body, model_map, choice, policy.max_model_id)
     if resolution is not None:
         target = resolution.targets[choice]
         if completion is not None:
-            chat = completion == "chat/completions"
-            changed = policy.thinking.apply(body, target.model, chat, target.route) or changed
+            chat = completion != "completions"
+            changed = policy.thinking.apply(body, target.model, chat, target.route, completion) or changed
         if policy.params or target.route.params is not None:
             changed = policy.params.apply(body, target.model, target.route.params) or changed
     elif completion is not None:
-        changed = policy.thinking.apply(body, "", chat=completion == "chat/completions")
+        changed = policy.thinking.apply(body, "", chat=completion != "completions", kind=completion)
     stream = body.get("stream") is True
-    added = completion is not None and stream and policy.stream_usage and usage.ask_for_usage(body)
+    added = (
+        completion in COMPLETION_ENDPOINTS and stream and policy.stream_usage and usage.ask_for_usage(body)
+    )
     # A key named twice: the upstream gets what the proxy read, not a parse of its own.
     forwarded = dumps(body) if changed or added or may_repeat_keys(raw, body) else raw
     return Rewritten(forwarded, resolution, stream, added)

@@ -8,15 +8,17 @@ relayed chunk by chunk as they arrive, through the same rewrites as SSE filters.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import structlog
 from sanic import Request
+from sanic.compat import Header
 from sanic.response import HTTPResponse
 
-from service import access, payload, renaming, upstream, usage
+from service import access, payload, renaming, sse, upstream, usage
 from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
@@ -54,6 +56,23 @@ class StreamFilter:
         return self.think.stripped if self.think is not None else 0
 
 
+class Relayed(HTTPResponse):
+    """An upstream's answer: without a Content-Type when the upstream sent none, where Sanic
+    would write its ``content_type`` default (None, as the literal ``None``)."""
+
+    @property
+    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
+        if self.content_type is None and "content-type" not in self.headers:
+            return (
+                (
+                    self._sanitize_header_value(name).encode("ascii"),
+                    self._sanitize_header_value(f"{value}").encode(errors="surrogateescape"),
+                )
+                for name, value in self.headers.items()
+            )
+        return super().processed_headers
+
+
 class TryNext(Exception):
     """This attempt failed before any byte reached the client, and another one is left."""
 
@@ -73,6 +92,8 @@ def headers_up(request: Request, exchange: Exchange, backend: Backend, *, identi
     headers = upstream.request_headers(request.headers, without=access.CREDENTIAL_HEADERS if key else ())
     if key:
         headers["authorization"] = f"Bearer {key}"
+        if exchange.anthropic:
+            headers["x-api-key"] = key  # what Anthropic-style servers read; the others ignore it
     headers["x-request-id"] = exchange.request_id
     if identity:
         headers["accept-encoding"] = "identity"
@@ -138,7 +159,7 @@ async def relay(
                 exchange.usage = usage.find(data)
             if transform and json_answer:
                 data = _transformed(data, think, chat, rename, exchange)
-            return HTTPResponse(data, status=answer.status, headers=headers)
+            return Relayed(data, status=answer.status, headers=headers)
         stream = (
             _stream_filter(
                 think, chat, rename, exchange.hide_usage, settings.think_tags, settings.max_sse_event_bytes
@@ -195,30 +216,50 @@ async def _stream(
 ) -> None:
     """Relay chunks as they arrive (through ``think`` when given, each seen by ``meter`` as it
     came). An upstream failure mid-way closes the client's connection without the final chunk,
-    so the client sees a broken stream rather than a clean end."""
-    tags = exchange.tags()
-    headers = [(name, value) for name, value in headers if name.lower() not in tags]
-    headers.extend(tags.items())
-    headers.append(("server-timing", exchange.stream_timing()))
-    if answer.content_type == "text/event-stream":
-        headers.append(("x-accel-buffering", "no"))
-    with upstream.BodyReader(answer, gap) as body:
-        first = await body.read()  # before any byte is sent, a failure still gets its status
+    so the client sees a broken stream rather than a clean end. Usage is taken however the
+    stream ended: the sync openai SDK leaves right after ``[DONE]``, the usage chunk already
+    relayed.
+
+    An event stream that sent the client nothing for STREAM_KEEPALIVE_SECONDS (think text
+    withheld, a slow first token) gets an SSE comment, only ever between events, so idle
+    timeouts in front (ingress-nginx: 60 s) do not cut it."""
+    own: Header = Header(headers)
+    exchange.stamp(own)
+    own.add("server-timing", exchange.stream_timing())
+    event_stream = answer.content_type == "text/event-stream"
+    if event_stream:
+        own["x-accel-buffering"] = "no"
+    keepalive = exchange.settings.stream_keepalive_seconds if event_stream else 0
+    with upstream.BodyReader(answer, gap, keepalive) as body:
+        chunk = await body.read()  # before any byte is sent, a failure still gets its status
         exchange.outcome = "started"
-        response = await request.respond(status=answer.status, headers=headers)
+        response = await request.respond(Relayed(status=answer.status, headers=own))
+        opened = commented = False  # headers sent before any content / a comment sent
         try:
-            chunk = first
-            while chunk:
+            while chunk != b"":
+                if chunk is None:
+                    if sse.at_boundary(exchange.sent_last):
+                        await response.send(sse.KEEPALIVE)
+                        commented = True
+                    chunk = await body.read()
+                    continue
                 if meter is not None:
                     meter.feed(chunk)
-                data = chunk if think is None else think.feed(chunk)
-                if data:
+                if data := (chunk if think is None else think.feed(chunk)):
                     if exchange.first_byte is None:
                         exchange.first_byte = time.perf_counter()
+                        if commented and data.startswith(sse.BOM):  # a BOM counts only at the start
+                            data = data[len(sse.BOM) :]
                     await response.send(data)
+                    exchange.sent_before, exchange.sent_last = exchange.sent_last, data
+                    body.relayed = True
+                elif not opened and exchange.first_byte is None:
+                    await response.send(b"", end_stream=False)  # the headers at once, text withheld
+                    opened = True
                 chunk = await body.read()
             if think is not None and (tail := think.close()):
                 await response.send(tail)
+                exchange.sent_before, exchange.sent_last = exchange.sent_last, tail
         except upstream.FAILURES as exc:
             exchange.outcome = "upstream_error"
             exchange.upstream_error = upstream.failure(exc).reason
@@ -229,8 +270,8 @@ async def _stream(
         finally:
             if think is not None:
                 exchange.think_blocks = think.stripped
-    if meter is not None:
-        exchange.usage = found = meter.usage()
-        exchange.per_token = meter.per_token(found) if found is not None else None
+            if meter is not None:
+                exchange.usage = found = meter.usage()
+                exchange.per_token = meter.per_token(found) if found is not None else None
     await response.eof()
     exchange.outcome = "completed"

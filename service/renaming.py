@@ -2,7 +2,8 @@
 
 The proxy sends ``gpt-4o`` upstream as ``qwen3-4b`` and the upstream answers with its own name;
 clients that check the ``model`` they get back (or log it) should see the id they sent. Only the
-top-level ``model`` changes, and the one nested in a Responses API event's ``response`` object.
+top-level ``model`` changes, and the one nested in a Responses API event's ``response`` object
+or in an Anthropic ``message_start`` event's ``message``.
 
 What is not renamed is relayed as the exact bytes that came in: answers and events that do not
 parse, are not objects, carry no ``model`` or already carry the requested one. A body without the
@@ -23,11 +24,12 @@ _MODEL_KEY = b'"model"'
 
 
 def _rename(body: Any, requested: str) -> bool:
-    """Set the model of the object and of its nested ``response``; whether anything changed."""
+    """Set the model of the object and of its nested ``response`` or ``message``; whether
+    anything changed."""
     if not isinstance(body, dict):
         return False
     changed = False
-    for holder in (body, body.get("response")):
+    for holder in (body, body.get("response"), body.get("message")):
         if isinstance(holder, dict) and isinstance(holder.get("model"), str) and holder["model"] != requested:
             holder["model"] = requested
             changed = True

@@ -187,3 +187,37 @@ def encode_data(data: bytes | str) -> bytes:
     if isinstance(data, str):
         data = data.encode()
     return b"".join(b"data: " + line + b"\n" for line in _LINE_END.split(data)) + b"\n"
+
+
+KEEPALIVE = b": keep-alive\n\n"
+_FINAL_EVENTS = frozenset(
+    {b"message_stop", b"response.completed", b"response.failed", b"response.incomplete"}
+)
+_FINAL_TYPE = re.compile(rb'"type"\s*:\s*"(?:message_stop|response\.(?:completed|failed|incomplete))"')
+_TAIL = 65536  # the final event is looked for in at most this many bytes
+
+
+def at_boundary(sent: bytes) -> bool:
+    """Whether bytes relayed so far end between events (or none were): only there may a comment go."""
+    return not sent or sent.endswith((b"\n\n", b"\n\r\n"))
+
+
+def ends_stream(sent: bytes) -> bool:
+    """Whether the bytes relayed last end with a stream's final event: ``data: [DONE]`` (OpenAI),
+    ``message_stop`` (Anthropic) or ``response.completed``/``failed``/``incomplete`` (Responses),
+    by its ``event:`` line or its data's top-level ``type``.
+
+    Looked at once, when the client leaves, never per chunk. A quoted ``"type"`` inside a text
+    delta is escaped (``\\"type\\"``), so the pattern cannot match a model's words.
+    """
+    text = sent[-_TAIL:].replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if not text.endswith(b"\n\n"):
+        return False
+    start = text.rfind(b"\n\n", 0, len(text) - 2)
+    event = text[start + 2 if start >= 0 else 0 : -2]
+    for line in event.split(b"\n"):
+        name, _, value = line.partition(b":")
+        value = value.removeprefix(b" ")
+        if (name == b"data" and value == b"[DONE]") or (name == b"event" and value in _FINAL_EVENTS):
+            return True
+    return _FINAL_TYPE.search(event) is not None

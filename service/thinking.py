@@ -122,13 +122,17 @@ class ThinkingPolicy:
             why = f"thinking {'off' if off else 'on'}"
         return f"{thinking}; think blocks: {self.output_for(model, route)} ({why})"
 
-    def apply(self, body: dict[str, Any], model: str, chat: bool, route: Route = NO_ROUTE) -> bool:
-        """Switch thinking off in a request for ``model``; True when the body changed."""
+    def apply(
+        self, body: dict[str, Any], model: str, chat: bool, route: Route = NO_ROUTE, kind: str = ""
+    ) -> bool:
+        """Switch thinking off in a request for ``model``; True when the body changed. Anthropic's
+        ``messages`` (same message shape as chat) take the suffix only: their servers have no
+        template flag to pass on."""
         if not self.disabled_for(model, route):
             return False
         changed = False
         if self.switch in ("suffix", "both"):
             changed = (disable_in_chat(body) if chat else disable_in_completion(body)) or changed
-        if self.switch in ("template", "both") and chat:
+        if self.switch in ("template", "both") and chat and kind != "messages":
             changed = disable_in_template(body) or changed
         return changed

@@ -171,24 +171,47 @@ class BodyReader:
     """The answer's body as it arrives, each read bounded by ``gap`` as well as by aiohttp's
     sock_read: aiohttp's C parser can wait forever on a malformed chunk-size line.
 
+    With ``keepalive`` (seconds), ``read`` also returns None when nothing was relayed to the
+    client for that long (the caller sets ``relayed`` after each send), so a stream whose text is
+    withheld can send an SSE comment. The read is interrupted and resumed; aiohttp keeps what
+    arrived meanwhile in its buffer.
+
     One timer per body, re-armed only when it fires, rather than an ``asyncio.timeout`` per read:
     a stream makes thousands of reads, and each timer costs a heap push and a cancel. Use it as a
     context manager in the task that reads.
     """
 
-    __slots__ = ("_content", "_expired", "_gap", "_loop", "_reading_since", "_task", "_timer")
+    __slots__ = (
+        "_content",
+        "_expired",
+        "_gap",
+        "_keepalive",
+        "_loop",
+        "_quiet_since",
+        "_reading_since",
+        "_resumed_since",
+        "_task",
+        "_tick",
+        "_timer",
+        "relayed",
+    )
 
-    def __init__(self, answer: aiohttp.ClientResponse, gap: float) -> None:
+    def __init__(self, answer: aiohttp.ClientResponse, gap: float, keepalive: float = 0) -> None:
         self._content = answer.content
         self._gap = gap
+        self._keepalive = keepalive
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
         self._reading_since: float | None = None
+        self._resumed_since: float | None = None  # a read cut short for a keep-alive began then
+        self._quiet_since = self._loop.time()
         self._expired = False
+        self._tick = False
+        self.relayed = False
         self._timer: asyncio.TimerHandle | None = None
 
     def __enter__(self) -> BodyReader:
-        self._timer = self._loop.call_later(self._gap, self._check)
+        self._timer = self._loop.call_later(min(self._gap, self._keepalive or self._gap), self._check)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -196,21 +219,44 @@ class BodyReader:
             self._timer.cancel()
 
     def _check(self) -> None:
+        now = self._loop.time()
         since = self._reading_since
-        if since is not None and self._loop.time() - since >= self._gap and self._task is not None:
-            self._expired = True
-            self._task.cancel()
-            return
-        self._timer = self._loop.call_at((since or self._loop.time()) + self._gap, self._check)
+        if since is not None and self._task is not None:
+            if now - since >= self._gap:
+                self._expired = True
+                self._task.cancel()
+                return
+            if self._keepalive and now - self._quiet_since >= self._keepalive:
+                self._tick = True
+                self._task.cancel()
+                return
+        self._arm(now)
 
-    async def read(self) -> bytes:
-        """What arrived since the last read; ``b""`` at the end of the body."""
-        self._reading_since = self._loop.time()
+    def _arm(self, now: float) -> None:
+        deadline = (self._reading_since or now) + self._gap
+        if self._keepalive:
+            due = self._quiet_since + self._keepalive
+            deadline = min(deadline, due if due > now else now + self._keepalive)
+        self._timer = self._loop.call_at(deadline, self._check)
+
+    async def read(self) -> bytes | None:
+        """What arrived since the last read; ``b""`` at the end of the body; None (only with a
+        ``keepalive``) when the client has had nothing for that long."""
+        now = self._loop.time()
+        self._reading_since, self._resumed_since = self._resumed_since or now, None
+        if self.relayed:
+            self._quiet_since, self.relayed = now, False
         try:
             return await self._content.readany()
         except asyncio.CancelledError:
-            if self._expired and self._task is not None and self._task.uncancel() == 0:
-                raise TimeoutError("no body bytes from the upstream in time") from None
+            if self._task is not None and (self._expired or self._tick) and self._task.uncancel() == 0:
+                if self._expired:
+                    raise TimeoutError("no body bytes from the upstream in time") from None
+                self._tick = False
+                self._resumed_since = self._reading_since  # the gap runs on across keep-alives
+                self._quiet_since = self._loop.time()
+                self._arm(self._quiet_since)
+                return None
             raise
         finally:
             self._reading_since = None

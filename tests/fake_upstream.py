@@ -35,6 +35,20 @@ model it is asked for, so one server covers every case:
   with its Content-Length in ``n`` pieces ``ms`` apart; ``paced-<n>x<ms>-chunked`` without a
   Content-Length (chunked).
 
+- ``linger-<ms>``: streamed like any other model, then ``ms`` milliseconds between ``[DONE]``
+  and the end of the body (as LiteLLM and others do), so a client that closes at ``[DONE]``
+  leaves before the proxy sees the end;
+- ``qwen3-think...-slow``: the thinker, streamed with 0.2 s between events.
+
+``POST /v1/messages`` answers like an Anthropic Messages server (vLLM, llama.cpp, LiteLLM):
+``reply from <model>`` as one text block, or streamed (``event:`` + ``data:`` lines, ``ping``
+included, ending in ``message_stop``); ``status-<code>`` fails in Anthropic's error shape;
+``linger-<ms>`` lingers after ``message_stop``. ``POST /v1/messages/count_tokens`` answers
+``{"input_tokens": 7}``.
+
+A request header ``X-Fake-Answer-Headers`` holding a JSON object adds those headers to the
+answer (a ``null`` value removes the header, Content-Type included), whatever the path.
+
 Non-completion paths echo what they received as JSON; a POST to ``/v1/embeddings`` or
 ``/v1/responses`` adds the usage such an answer carries (``ECHO_USAGE``). ``in_flight`` counts
 the requests being answered right now (streams until their last byte) and ``peak_in_flight`` the most at once.
@@ -131,6 +145,9 @@ class FakeUpstream:
 
     def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[self._count])
+        app.on_response_prepare.append(_answer_headers)
+        app.router.add_post("/v1/messages", self._messages)
+        app.router.add_post("/v1/messages/count_tokens", self._count_tokens)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model_id:.+}", self._model)
         app.router.add_route("*", "/v1/chat/completions", self._completion)
@@ -233,7 +250,56 @@ class FakeUpstream:
             chunk = {"id": "cmpl-fake", "object": "chat.completion.chunk", "created": 1, "model": model}
             await response.write(b"data: " + orjson.dumps({**chunk, "choices": [], "usage": usage}) + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
+        await _linger(model)
         return response
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = (await self._record(request)).json()
+        model = str(body.get("model"))
+        if model.startswith("status-"):
+            status = int(model.removeprefix("status-").split("-", 1)[0])
+            error = {"type": "error", "error": {"type": "api_error", "message": "told to fail"}}
+            return web.json_response(error, status=status)
+        text = f"reply from {model}"
+        usage = {"input_tokens": 3, "output_tokens": 3}
+        message = {"id": "msg_fake", "type": "message", "role": "assistant", "model": model}
+        if not body.get("stream"):
+            content = [{"type": "text", "text": text}]
+            return web.json_response(
+                {
+                    **message,
+                    "content": content,
+                    "stop_reason": "end_turn",
+                    "stop_sequence": None,
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(kind: str, data: dict[str, Any]) -> None:
+            await response.write(
+                b"event: %s\ndata: %s\n\n" % (kind.encode(), orjson.dumps({"type": kind, **data}))
+            )
+
+        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None, "usage": usage}
+        await send("message_start", {"message": start})
+        await send("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}})
+        await send("ping", {})
+        for index, word in enumerate(text.split(" ")):
+            delta = {"type": "text_delta", "text": word if index == 0 else f" {word}"}
+            await send("content_block_delta", {"index": 0, "delta": delta})
+        await send("content_block_stop", {"index": 0})
+        await send(
+            "message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": usage}
+        )
+        await send("message_stop", {})
+        await _linger(model)
+        return response
+
+    async def _count_tokens(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        return web.json_response({"input_tokens": 7})
 
     async def _qwen(self, request: web.Request, body: dict[str, Any], chat: bool) -> web.StreamResponse:
         model = str(body["model"])
@@ -282,6 +348,8 @@ class FakeUpstream:
                 await send([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
         pieces = [_cut(text) for text in texts]
         for step in range(max(len(cut) for cut in pieces)):
+            if model.endswith("-slow"):
+                await asyncio.sleep(0.2)
             for i, cut in enumerate(pieces):
                 if step < len(cut):
                     fields = _qwen_text(chat, cut[step], message=False)
@@ -373,6 +441,23 @@ async def _broken(request: web.Request, model: str, chat: bool, stream: bool) ->
     assert request.transport is not None
     request.transport.close()
     return response
+
+
+async def _linger(model: str) -> None:
+    if model.startswith("linger-"):
+        await asyncio.sleep(int(model.removeprefix("linger-")) / 1000)
+
+
+async def _answer_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``X-Fake-Answer-Headers``: headers the test wants on the answer (null: removed)."""
+    wanted = request.headers.get("X-Fake-Answer-Headers")
+    if wanted is None:
+        return
+    for name, value in orjson.loads(wanted).items():
+        if value is None:
+            response.headers.popall(name, None)
+        else:
+            response.headers.add(name, value)
 
 
 def _event(model: str, chat: bool, text: str) -> bytes:

@@ -96,6 +96,7 @@ def test_read_keys_file_errors_name_the_file_and_never_its_content(tmp_path: Pat
         ([("api-key", "  ")], None),
         ([("x-api-key", "k")], "k"),
         ([("X-Api-Key", " k ")], "k"),
+        ([("x-api-key", "")], None),
         ([("Proxy-Authorization", "Bearer k")], None),
         ([("Cookie", "k")], None),
         ([], None),
@@ -109,7 +110,7 @@ def test_presented_key_reads_bearer_api_key_or_x_api_key_only(
 
 
 @pytest.mark.parametrize("key", KEYS)
-def test_every_configured_key_passes_in_either_header(key: str) -> None:
+def test_every_configured_key_passes_in_any_key_header(key: str) -> None:
     check_key(KEYS, bearer(key))
     check_key(KEYS, [("api-key", key)])
     check_key(KEYS, [("x-api-key", key)])
@@ -134,6 +135,7 @@ def test_every_configured_key_passes_in_either_header(key: str) -> None:
         pytest.param([("Authorization", "sk-alpha-0001")], id="no-scheme"),
         pytest.param([("x-api-key", "sk-alpha-0001x")], id="x-api-key-wrong"),
         pytest.param(bearer("sk-alpha-0001\udcff"), id="not-utf8"),
+        pytest.param([("x-api-key", "sk-alpha-000")], id="x-api-key-prefix"),
         pytest.param([("Proxy-Authorization", "Bearer sk-alpha-0001")], id="proxy-authorization"),
         pytest.param(bearer("sk-alpha-0001\x00"), id="nul-suffix"),
         pytest.param(bearer("sk-alphä-0001"), id="non-ascii"),

@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.reasoning import ThinkStream
 from service.renaming import RenameStream
-from service.sse import SSEEvent, SSEParser, encode_data
+from service.sse import SSEEvent, SSEParser, at_boundary, encode_data, ends_stream
 
 
 def parse(*chunks: bytes) -> list[SSEEvent]:
@@ -257,3 +258,49 @@ def test_the_cut_over_falls_on_the_same_event_for_any_chunking(
     tail = b"".join(raw[first_big:])
     assert whole.endswith(tail)
     assert whole[: len(whole) - len(tail)].count(b'"model":"asked"') == first_big
+
+
+# --- ends_stream / at_boundary: what the proxy looks at when a client leaves or a stream is quiet -----
+
+FINAL = [
+    b"data: [DONE]\n\n",
+    b"data:[DONE]\r\n\r\n",
+    b'data: {"choices":[]}\n\ndata: [DONE]\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+    b'data: {"type": "message_stop"}\n\n',
+    b'event: response.completed\ndata: {"type":"response.completed","response":{"id":"r"}}\n\n',
+    b'"}]},"sequence_number":9,"type":"response.completed"}\n\n',  # vLLM: the type last, the start cut off
+    b'event: response.incomplete\ndata: {"response":{}}\r\r',
+]
+NOT_FINAL = [
+    b"",
+    b"data: [DONE]\n",  # the blank line that ends it is not sent yet
+    b'data: {"choices":[{"delta":{"content":"data: [DONE]\\n\\n"}}]}\n\n',
+    b'event: content_block_delta\ndata: {"delta":{"text":"\\"type\\":\\"message_stop\\""}}\n\n',
+    b'data: [DONE]\n\ndata: {"choices":[]}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta"}\n\n',
+]
+
+
+@pytest.mark.parametrize("sent", FINAL)
+def test_ends_stream_finds_the_final_event(sent: bytes) -> None:
+    assert ends_stream(sent)
+
+
+@pytest.mark.parametrize("sent", NOT_FINAL)
+def test_ends_stream_refuses_anything_else(sent: bytes) -> None:
+    assert not ends_stream(sent)
+
+
+@pytest.mark.parametrize(
+    ("sent", "between"),
+    [
+        (b"", True),
+        (b"data: x\n\n", True),
+        (b"data: x\r\n\r\n", True),
+        (b"data: x\n", False),
+        (b"data: x", False),
+    ],
+)
+def test_at_boundary(sent: bytes, between: bool) -> None:
+    assert at_boundary(sent) is between

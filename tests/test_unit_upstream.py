@@ -282,3 +282,73 @@ def test_url_is_sent_as_written_without_requoting() -> None:
 
     (head,) = asyncio.run(asyncio.wait_for(main(), 20))
     assert head.split(b"\r\n", 1)[0] == b"POST /v1/files/a%2Fb?q=%20x&y=1 HTTP/1.1"
+
+
+# -- BodyReader keep-alive ---------------------------------------------------------------------
+
+
+async def paced_body(pieces: list[bytes], pause: float) -> AsyncIterator[str]:
+    """A real aiohttp server sending ``pieces`` ``pause`` seconds apart; yields its URL."""
+    from aiohttp import web
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for index, piece in enumerate(pieces):
+            if index:
+                await asyncio.sleep(pause)
+            await response.write(piece)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}/"
+    finally:
+        await runner.cleanup()
+
+
+async def reads(url: str, gap: float, keepalive: float, relay: bool = True) -> list[bytes | None]:
+    got: list[bytes | None] = []
+    async with aiohttp.ClientSession() as session, session.get(url) as answer:
+        with upstream.BodyReader(answer, gap, keepalive) as body:
+            while (chunk := await body.read()) != b"":
+                got.append(chunk)
+                body.relayed = relay and chunk is not None
+    return got
+
+
+def test_body_reader_says_when_a_keepalive_is_due_and_loses_no_byte() -> None:
+    pieces = [b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"]
+
+    async def main() -> list[bytes | None]:
+        async with asynccontextmanager(paced_body)(pieces, 0.5) as url:
+            return await reads(url, gap=5, keepalive=0.1)
+
+    got = asyncio.run(asyncio.wait_for(main(), 20))
+    assert b"".join(chunk for chunk in got if chunk is not None) == b"".join(pieces)
+    ticks = [index for index, chunk in enumerate(got) if chunk is None]
+    assert len(ticks) >= 4  # about four per 0.5 s gap
+    assert got[0] is not None
+
+
+def test_body_reader_without_keepalive_times_out() -> None:
+    async def main() -> list[bytes | None]:
+        async with asynccontextmanager(paced_body)([b"data: 1\n\n", b"data: 2\n\n"], 2.0) as url:
+            return await reads(url, gap=0.3, keepalive=0)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(main(), 20))
+
+
+def test_body_reader_keepalive_ticks_do_not_hide_the_gap_timeout() -> None:
+    async def main() -> list[bytes | None]:
+        async with asynccontextmanager(paced_body)([b"data: 1\n\n", b"data: 2\n\n"], 3.0) as url:
+            return await reads(url, gap=0.5, keepalive=0.1)
+
+    with pytest.raises(TimeoutError):
+        asyncio.run(asyncio.wait_for(main(), 20))
