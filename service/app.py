@@ -84,7 +84,9 @@ def create_app(
     async def sanic_error(request: Request, exc: SanicException) -> HTTPResponse:
         code = _SANIC_CODES.get(exc.status_code, "invalid_request")
         error = ProxyError(exc.status_code, str(exc), code, getattr(exc, "headers", None))
-        return error.response(anthropic=is_anthropic(endpoint_of(request.path)))
+        # The raw target: for an absolute-form one without a path, Sanic's request.path raises.
+        path = request.raw_url.partition(b"?")[0].decode("utf-8", "replace")
+        return error.response(anthropic=is_anthropic(endpoint_of(path)))
 
     @app.exception(Exception)
     async def unexpected_error(request: Request, exc: Exception) -> HTTPResponse:
