@@ -23,7 +23,8 @@ import structlog
 from sanic import Sanic
 
 from service import backends, metrics
-from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings
+from service.options import RESTART_ONLY
 
 log = structlog.get_logger("rerouter")
 

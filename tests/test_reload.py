@@ -30,8 +30,9 @@ from structlog.testing import capture_logs
 
 from service import reload
 from service.backends import pools
-from service.config import RESTART_ONLY, ConfigError, Settings, load_settings
+from service.config import ConfigError, Settings, load_settings
 from service.metrics import ModelLabels
+from service.options import RESTART_ONLY
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.fake_upstream import FakeUpstream
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import service.config
+import service.options
 from service.backends import (
     DEFAULT_BACKEND,
     Backend,
@@ -34,8 +34,8 @@ class FakeClock:
 # --- parsing -------------------------------------------------------------------------------------
 
 
-def test_config_still_exports_the_moved_url_parser() -> None:
-    assert service.config.parse_upstream_url is parse_upstream_url
+def test_the_settings_table_uses_the_backends_url_parser() -> None:
+    assert service.options.parse_upstream_url is parse_upstream_url
 
 
 def test_a_string_value_is_a_one_url_backend_with_global_settings() -> None:

@@ -13,16 +13,13 @@ from hypothesis import strategies as st
 
 from service.config import (
     DEMO_MODEL_MAP,
-    FILE_KEYS,
-    OPTIONS,
-    RESTART_ONLY,
     ConfigError,
     Settings,
     load_settings,
-    parse_upstream_url,
     read_config_file,
 )
 from service.mapping import ModelMap
+from service.options import FILE_KEYS, OPTIONS, RESTART_ONLY, parse_upstream_url
 
 BASE = {"UPSTREAM_URL": "http://upstream.test:8000"}
 
