@@ -47,7 +47,8 @@ TIME_TO_FIRST_BYTE = Histogram(
 )
 STREAMS = Counter(
     "rerouter_streams_total",
-    "Streamed responses by how they ended: completed, client_disconnected, upstream_error.",
+    "Streamed responses by how they ended: completed, client_disconnected, upstream_error, "
+    "proxy_cut (still running at the end of SHUTDOWN_TIMEOUT), timeout.",
     ["endpoint", "target_model", "outcome"],
 )
 UPSTREAM_ERRORS = Counter(

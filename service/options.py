@@ -302,7 +302,7 @@ OPTIONS = (
         default="1",
         example="auto",
         section=_SERVER,
-        see="deployment.md#scaling",
+        see="deployment.md#workers-and-cpu-limits",
     ),
     _Option(
         "LOG_FORMAT",
@@ -323,7 +323,7 @@ OPTIONS = (
         default="think",
         example="think,thinking,reasoning",
         section=_THINKING,
-        see="thinking.md",
+        see="thinking.md#other-think-tags",
     ),
     _Option(
         "LOG_LEVEL",
@@ -388,7 +388,8 @@ OPTIONS = (
         "PROXY_API_KEYS",
         "proxy_api_keys",
         _keys,
-        "Comma-separated keys clients must present (Authorization: Bearer, or api-key). Unset: no check.",
+        "Comma-separated keys clients must present (Authorization: Bearer, api-key or x-api-key). "
+        "Unset: no check.",
         default=None,
         example="key-one,key-two",
         section=_SECURITY,
@@ -408,7 +409,8 @@ OPTIONS = (
         "UPSTREAM_API_KEY",
         "upstream_api_key",
         parse_credential,
-        "Key sent upstream as Authorization: Bearer, replacing the client's credential.",
+        "Key sent upstream as Authorization: Bearer (and x-api-key on /v1/messages), replacing the "
+        "client's credential.",
         default=None,
         example="sk-...",
         section=_SECURITY,
@@ -449,7 +451,7 @@ OPTIONS = (
         default="1024",
         example="4096",
         section=_LIMITS,
-        see="security.md",
+        see="security.md#limits-and-their-settings",
     ),
     _Option(
         "CLIENT_HEADER_TIMEOUT",
@@ -460,7 +462,7 @@ OPTIONS = (
         default="10",
         example="5",
         section=_LIMITS,
-        see="security.md",
+        see="security.md#limits-and-their-settings",
     ),
     _Option(
         "CLIENT_BODY_TIMEOUT",
@@ -471,7 +473,7 @@ OPTIONS = (
         default="120",
         example="300",
         section=_LIMITS,
-        see="security.md",
+        see="security.md#limits-and-their-settings",
     ),
     _Option(
         "RETRIES",
@@ -514,7 +516,7 @@ OPTIONS = (
         default="client",
         example="always",
         section=_OBSERVE,
-        see="metrics.md",
+        see="metrics.md#tokens-per-model",
     ),
     _Option(
         "MODEL_PARAMS",
@@ -534,7 +536,7 @@ OPTIONS = (
         default="256",
         example="128",
         section=_LIMITS,
-        see="security.md",
+        see="security.md#limits-and-their-settings",
     ),
     _Option(
         "MAX_SSE_EVENT_BYTES",
@@ -545,7 +547,7 @@ OPTIONS = (
         default="1048576",
         example="4194304",
         section=_LIMITS,
-        see="security.md",
+        see="security.md#limits-and-their-settings",
     ),
     _Option(
         "STREAM_KEEPALIVE_SECONDS",
@@ -556,7 +558,7 @@ OPTIONS = (
         default="15",
         example="10",
         section=_SERVER,
-        see="reliability.md",
+        see="reliability.md#keep-alive-comments-on-quiet-streams",
     ),
     _Option(
         "CORS_ALLOW_ORIGINS",
@@ -567,7 +569,7 @@ OPTIONS = (
         default=None,
         example="https://chat.example.com",
         section=_SECURITY,
-        see="endpoints.md",
+        see="endpoints.md#cors-for-browser-clients",
     ),
     _Option(
         "CONFIG_FILE",
