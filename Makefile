@@ -27,10 +27,10 @@ format: install
 	$(BIN)/ruff format service tests
 
 test: lint
-	@echo "make test: the whole suite starts real proxies and upstreams; allow up to 10 minutes on 2 cores"
-	$(BIN)/pytest
+	@echo "make test: the whole suite starts real proxies and upstreams; about 8 minutes on 2 cores"
+	$(BIN)/pytest -n 3
 
-# The settings reference in docs/configuration.md, rewritten from service/config.py's OPTIONS
+# The settings reference in docs/configuration.md, rewritten from service/options.py's OPTIONS
 # (tests/test_config_docs.py fails while the committed page differs).
 docs-reference: install
 	$(BIN)/python -m service.config_docs

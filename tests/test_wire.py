@@ -138,6 +138,9 @@ def connect(proxy: Proxy, timeout: float = 10) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port_of(proxy)), timeout=timeout)
 
 
+CLOSE_WAIT = 2.0
+
+
 def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
     """(status, headers, body, closed): one answer read whole, then whether the proxy closed the
     connection right after it (EOF, or a reset once the answer was read)."""
@@ -156,12 +159,17 @@ def read_answer(sock: socket.socket) -> tuple[int, dict[str, str], bytes, bool]:
         chunk = sock.recv(65536)
         assert chunk, "closed in the middle of the answer"
         body += chunk
+    # A close comes right after the answer; a kept-alive connection need not be waited on longer.
+    timeout = sock.gettimeout()
+    sock.settimeout(CLOSE_WAIT)
     try:
         closed = sock.recv(65536) == b""
     except ConnectionResetError:
         closed = True
     except TimeoutError:
         closed = False
+    finally:
+        sock.settimeout(timeout)
     return int(lines[0].split()[1]), headers, body[:length], closed
 
 
