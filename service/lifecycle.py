@@ -163,10 +163,14 @@ class MainGuard:
             if manager._all_workers_ack():  # Sanic's own test for leaving its start-up wait
                 manager.shutdown_signal(self._signum, None)
                 return
+        # A worker that acknowledged serves: SIGTERM lets it drain. One still starting serves
+        # nothing, and a SIGTERM in the moment after Sanic took its signals can fail its start-up,
+        # which makes Sanic exit 1: it is killed instead.
         processes = list(manager.processes)
         for process in processes:
-            with contextlib.suppress(OSError):
-                os.kill(process.pid, signal.SIGTERM)
+            with contextlib.suppress(OSError, EOFError):
+                acked = manager.worker_state[process.name].get("state") == "ACKED"
+                os.kill(process.pid, signal.SIGTERM if acked else signal.SIGKILL)
         deadline = time.monotonic() + self.limit
         while any(process.is_alive() for process in processes) and time.monotonic() < deadline:
             time.sleep(0.05)
