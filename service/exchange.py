@@ -133,7 +133,7 @@ class Exchange:
         when longer than MAX_MODEL_ID_LENGTH or not valid Unicode)."""
         tags = {"x-request-id": self.request_id, "x-rerouter-upstream": self.backend}
         served = self.served
-        if served and len(served) <= self.settings.max_model_id_length and payload.is_unicode(served):
+        if served and payload.fits(served, self.settings.max_model_id_length):
             tags["x-rerouter-target-model"] = _header_value(served)
         return tags
 

@@ -24,7 +24,7 @@ from prometheus_client import (
     multiprocess,
 )
 
-from service.payload import DEFAULT_MAX_MODEL_ID, is_unicode
+from service.payload import DEFAULT_MAX_MODEL_ID, fits
 
 _MULTIPROC_DIR = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
@@ -126,7 +126,7 @@ class ModelLabels:
         self._known = frozenset(model for model in ids if self._usable(model))
 
     def _usable(self, model: str) -> bool:
-        return len(model) <= self._max_length and is_unicode(model)
+        return fits(model, self._max_length)
 
     def __call__(self, model: str | None) -> str:
         if model is None:

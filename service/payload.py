@@ -154,6 +154,12 @@ def is_unicode(text: str) -> bool:
     return True
 
 
+def fits(model: str, limit: int) -> bool:
+    """What a metric label, a header or a log field may carry as is: at most ``limit``
+    characters (MAX_MODEL_ID_LENGTH), and valid Unicode."""
+    return len(model) <= limit and is_unicode(model)
+
+
 def check_model_id(model: str, limit: int) -> None:
     """Refuse an id that cannot be a metric label, header or log field: longer than ``limit``
     characters (MAX_MODEL_ID_LENGTH), or not encodable as UTF-8 (a lone surrogate, which JSON's
