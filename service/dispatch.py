@@ -40,14 +40,16 @@ async def dispatch(
         except TryNext as failed:
             following = plan[number + 1][1]
             labels = request.app.ctx.labels
-            metrics.child(metrics.UPSTREAM_ERRORS, labels(target.model or None), failed.reason).inc()
-            metrics.child(
+            metrics.PENDING.count(metrics.UPSTREAM_ERRORS, (labels(target.model or None), failed.reason))
+            metrics.PENDING.count(
                 metrics.FALLBACKS,
-                labels(exchange.resolution.source if exchange.resolution else None),
-                labels(target.model or None),
-                labels(following.model or None),
-                failed.reason,
-            ).inc()
+                (
+                    labels(exchange.resolution.source if exchange.resolution else None),
+                    labels(target.model or None),
+                    labels(following.model or None),
+                    failed.reason,
+                ),
+            )
             log.warning(
                 "upstream attempt failed, trying again" if following == target else "falling back",
                 from_target=logs.bounded(target.model, settings.max_model_id_length),

@@ -119,9 +119,8 @@ class Exchange:
     def begin(cls, request: Request, endpoint: str) -> Exchange:
         given = request.headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id)
-        metrics.IN_FLIGHT.inc()
+        logs.bind_request(request_id)
+        metrics.PENDING.in_flight(1)
         settings: Settings = request.app.ctx.settings
         exchange = cls(request_id, endpoint, settings, request.app.ctx.replicas)
         exchange.cors = cors.answer_for(settings.cors_allow_origins, request.headers.get("origin"))
@@ -195,39 +194,42 @@ class Exchange:
         source = self.resolution.source if self.resolution else None
         target = self.served
         source_label, target_label = labels(source), labels(target)
-        metrics.IN_FLIGHT.dec()
-        metrics.child(metrics.REQUESTS, self.endpoint, source_label, target_label, str(self.status)).inc()
-        metrics.child(metrics.DURATION, self.endpoint, target_label).observe(duration)
+        pending = metrics.PENDING
+        pending.in_flight(-1)
+        pending.count(metrics.REQUESTS, (self.endpoint, source_label, target_label, str(self.status)))
+        pending.observe(metrics.DURATION, (self.endpoint, target_label), duration)
         if self.first_byte is not None:
-            metrics.child(metrics.TIME_TO_FIRST_BYTE, self.endpoint, target_label).observe(
-                self.first_byte - self.started
-            )
+            first_byte = self.first_byte - self.started
+            pending.observe(metrics.TIME_TO_FIRST_BYTE, (self.endpoint, target_label), first_byte)
         if self.outcome is not None:
-            metrics.child(metrics.STREAMS, self.endpoint, target_label, self.outcome).inc()
+            pending.count(metrics.STREAMS, (self.endpoint, target_label, self.outcome))
         if self.upstream_error is not None:
-            metrics.child(metrics.UPSTREAM_ERRORS, target_label, self.upstream_error).inc()
+            pending.count(metrics.UPSTREAM_ERRORS, (target_label, self.upstream_error))
         if self.think_blocks:
-            metrics.child(metrics.THINKING_STRIPPED, target_label).inc(self.think_blocks)
+            pending.count(metrics.THINKING_STRIPPED, (target_label,), self.think_blocks)
         # A client that left before any answer: what the upstream did not take was the proxy's.
         overhead = self.overhead if self.overhead is not None else duration - self.upstream_seconds
-        metrics.child(metrics.PROXY_OVERHEAD, self.endpoint).observe(max(overhead, 0.0))
+        pending.observe(metrics.PROXY_OVERHEAD, (self.endpoint,), max(overhead, 0.0))
         usage = self.usage
         if usage is not None:
-            metrics.child(metrics.TOKENS, source_label, target_label, "prompt").inc(usage.prompt)
+            pending.count(metrics.TOKENS, (source_label, target_label, "prompt"), usage.prompt)
             if usage.completion is not None:
-                metrics.child(metrics.TOKENS, source_label, target_label, "completion").inc(usage.completion)
+                pending.count(metrics.TOKENS, (source_label, target_label, "completion"), usage.completion)
             if self.per_token is not None:
-                metrics.child(metrics.TIME_PER_OUTPUT_TOKEN, target_label).observe(self.per_token)
-        log.info(
-            "request",
-            endpoint=self.endpoint,
-            source_model=logs.bounded(source, self.settings.max_model_id_length),
-            target_model=logs.bounded(target, self.settings.max_model_id_length),
-            upstream=self.backend,
-            rule=self.resolution.rule if self.resolution else None,
-            stream=self.stream,
-            status=self.status,
-            duration_ms=round(duration * 1000, 2),
-            **({"outcome": self.outcome} if self.outcome else {}),
-            **({"upstream_error": self.upstream_error} if self.upstream_error else {}),
-        )
+                pending.observe(metrics.TIME_PER_OUTPUT_TOKEN, (target_label,), self.per_token)
+        limit = self.settings.max_model_id_length
+        fields = {
+            "endpoint": self.endpoint,
+            "source_model": logs.bounded(source, limit),
+            "target_model": logs.bounded(target, limit),
+            "upstream": self.backend,
+            "rule": self.resolution.rule if self.resolution else None,
+            "stream": self.stream,
+            "status": self.status,
+            "duration_ms": round(duration * 1000, 2),
+        }
+        if self.outcome:
+            fields["outcome"] = self.outcome
+        if self.upstream_error:
+            fields["upstream_error"] = self.upstream_error
+        log.info("request", **fields)

@@ -152,8 +152,7 @@ async def relay(
             or answer.status in (204, 304)
             or request.method == "HEAD"
         ):
-            with upstream.BodyReader(answer, gap) as reader:
-                data = await reader.whole()
+            data = await upstream.read_whole(answer, gap)
             exchange.from_upstream()
             if json_answer and answer.status == 200 and counted:
                 exchange.usage = usage.find(data)

@@ -266,3 +266,13 @@ class BodyReader:
         while chunk := await self.read():
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+async def read_whole(answer: aiohttp.ClientResponse, gap: float) -> bytes:
+    """The whole body: taken at once when all of it has arrived (a short answer comes with its
+    head), without a timer; else read under a BodyReader's."""
+    content = answer.content
+    if content.is_eof():
+        return content.read_nowait()
+    with BodyReader(answer, gap) as reader:
+        return await reader.whole()

@@ -219,13 +219,13 @@ def test_prompts_and_keys_are_never_logged(logged: Proxy) -> None:
 def restore_structlog() -> Iterator[None]:
     yield
     structlog.reset_defaults()
-    structlog.contextvars.clear_contextvars()
+    logs.bind_request(None)
 
 
 @pytest.mark.usefixtures("restore_structlog")
 def test_configure_json_writes_one_json_line_per_event(capsys: pytest.CaptureFixture[str]) -> None:
     logs.configure("json", "info")
-    structlog.contextvars.bind_contextvars(request_id="ctx-1")
+    logs.bind_request("ctx-1")
     structlog.get_logger("t").info("request", status=200, target_model="m")
     structlog.get_logger("t").debug("hidden at info")
     lines = capsys.readouterr().out.splitlines()

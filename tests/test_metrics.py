@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import socket
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.metrics import ModelLabels
+from service.metrics import FLUSH_SECONDS, ModelLabels, Pending
 from tests.conftest import Proxy, StartProxy, eventually
 
 Samples = list[tuple[str, dict[str, str], float]]
@@ -237,6 +240,10 @@ def test_model_labels_are_capped_but_ids_from_the_map_keep_theirs(start_proxy: S
 # -- several workers ---------------------------------------------------------------------------
 
 
+def counting_workers(metrics_dir: Path) -> set[int]:
+    return {int(p.stem.split("_")[1]) for p in metrics_dir.glob("counter_*.db")}
+
+
 def test_two_workers_report_one_exact_total(start_proxy: StartProxy, tmp_path: Path) -> None:
     metrics_dir = tmp_path / "prometheus"
     proxy = start_proxy(WORKERS="2", PROMETHEUS_MULTIPROC_DIR=str(metrics_dir))
@@ -260,17 +267,79 @@ def test_two_workers_report_one_exact_total(start_proxy: StartProxy, tmp_path: P
             for _ in range(6):
                 assert set(pool.map(one, range(40 if sent == 0 else 20))) == {200}
                 sent += 40 if sent == 0 else 20
-                # Each worker that counted a request owns a counter_<pid>.db file.
-                served = {int(p.stem.split("_")[1]) for p in metrics_dir.glob("counter_*.db")}
+                # Each worker that counted a request owns a counter_<pid>.db file, once it has
+                # written its samples (within FLUSH_SECONDS).
+                flushed = time.monotonic() + 10 * FLUSH_SECONDS
+                while (served := counting_workers(metrics_dir)) != workers and time.monotonic() < flushed:
+                    time.sleep(FLUSH_SECONDS / 2)
                 if served == workers:
                     break
         assert served == workers, f"requests were not spread over both workers: {served} vs {workers}"
 
         labels = {"source_model": "gpt-3.5-turbo-16k", "target_model": "qwen3-4b", "status_code": "200"}
-        for _ in range(8):
+
+        def exact() -> None:
             samples = scrape(proxy)
             assert total(samples, "rerouter_requests_total", **labels) == sent
             assert total(samples, "rerouter_request_duration_seconds_count", target_model="qwen3-4b") == sent
             assert pick(samples, "rerouter_requests_in_flight") == [({}, 0.0)]
+
+        eventually(exact, timeout=10 * FLUSH_SECONDS)
+        for _ in range(8):  # and every worker answering /metrics agrees, once written
+            exact()
     finally:
         proxy.stop()
+
+
+def test_pending_samples_flush_to_the_values_direct_writes_give() -> None:
+    """Batched counts and observations end up exactly where prometheus-client's own calls put
+    them: bucket edges included (a value equal to a bound is in that bound's bucket)."""
+    registry = CollectorRegistry()
+    direct_counter = Counter("direct_total", "d", ["kind"], registry=registry)
+    batched_counter = Counter("batched_total", "b", ["kind"], registry=registry)
+    bounds = (0.001, 0.01, 0.1)
+    direct = Histogram("direct_seconds", "d", ["kind"], buckets=bounds, registry=registry)
+    batched = Histogram("batched_seconds", "b", ["kind"], buckets=bounds, registry=registry)
+    pending = Pending()
+    values = [0.0, 0.0005, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.5, 7.0, 0.001]
+
+    async def in_a_worker() -> None:  # with an event loop running, samples wait for the flush
+        for index, value in enumerate(values):
+            kind = "a" if index % 3 else "b"
+            direct.labels(kind).observe(value)
+            pending.observe(batched, (kind,), value)
+            direct_counter.labels(kind).inc(value)
+            pending.count(batched_counter, (kind,), value)
+        assert registry.get_sample_value("batched_seconds_count", {"kind": "a"}) is None
+        pending.flush()
+
+    asyncio.run(in_a_worker())
+    for kind in ("a", "b"):
+        for bound in ("0.001", "0.01", "0.1", "+Inf"):
+            labels = {"kind": kind, "le": bound}
+            assert registry.get_sample_value("batched_seconds_bucket", labels) == registry.get_sample_value(
+                "direct_seconds_bucket", labels
+            )
+        for suffix in ("_seconds_sum", "_seconds_count", "_total"):
+            assert registry.get_sample_value(f"batched{suffix}", {"kind": kind}) == pytest.approx(
+                registry.get_sample_value(f"direct{suffix}", {"kind": kind})
+            )
+    pending.flush()  # nothing left: a second flush adds nothing
+    assert registry.get_sample_value("batched_seconds_count", {"kind": "a"}) == 6
+
+
+def test_pending_samples_are_written_within_the_flush_interval_or_at_once_without_a_loop() -> None:
+    registry = CollectorRegistry()
+    counter = Counter("later_total", "l", ["kind"], registry=registry)
+    pending = Pending()
+
+    async def in_a_worker() -> None:
+        pending.count(counter, ("a",))
+        pending.count(counter, ("a",), 2)
+        assert registry.get_sample_value("later_total", {"kind": "a"}) is None
+        await asyncio.sleep(FLUSH_SECONDS * 3)
+        assert registry.get_sample_value("later_total", {"kind": "a"}) == 3
+
+    asyncio.run(in_a_worker())
+    pending.count(counter, ("b",))
+    assert registry.get_sample_value("later_total", {"kind": "b"}) == 1
