@@ -143,11 +143,10 @@ class GuardedProtocol(HttpProtocol):
         One timer per connection, moved on only when it fires before the deadline: a keep-alive
         connection arms this for every request, and making and cancelling a timer costs ~4 µs."""
         due = self.loop.time() + seconds
+        if self._head_timer is None or self._head_timer_at > due:
+            self._stop_head_timer()
+            self._head_timer, self._head_timer_at = self.loop.call_at(due, self._head_check), due
         self._head_due, self._head_message = due, message
-        if self._head_timer is not None and self._head_timer_at <= due:
-            return
-        self._stop_head_timer()
-        self._head_timer, self._head_timer_at = self.loop.call_at(due, self._head_check), due
 
     def disarm(self) -> None:
         """The head arrived: the timer, when it fires, finds nothing due."""

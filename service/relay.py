@@ -23,6 +23,7 @@ from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
 from service.reasoning import ThinkStream, ThinkTags, transform_message
+from service.response import Response
 
 log = structlog.get_logger("rerouter")
 
@@ -56,7 +57,7 @@ class StreamFilter:
         return self.think.stripped if self.think is not None else 0
 
 
-class Relayed(HTTPResponse):
+class Relayed(Response):
     """An upstream's answer: without a Content-Type when the upstream sent none, where Sanic
     would write its ``content_type`` default (None, as the literal ``None``)."""
 
