@@ -8,7 +8,6 @@ relayed chunk by chunk as they arrive, through the same rewrites as SSE filters.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +22,7 @@ from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
 from service.reasoning import ThinkStream, ThinkTags, transform_message
-from service.response import Response
+from service.response import Response, header_lines
 
 log = structlog.get_logger("rerouter")
 
@@ -62,15 +61,9 @@ class Relayed(Response):
     would write its ``content_type`` default (None, as the literal ``None``)."""
 
     @property
-    def processed_headers(self) -> Iterator[tuple[bytes, bytes]]:
+    def processed_headers(self) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
         if self.content_type is None and "content-type" not in self.headers:
-            return (
-                (
-                    self._sanitize_header_value(name).encode("ascii"),
-                    self._sanitize_header_value(f"{value}").encode(errors="surrogateescape"),
-                )
-                for name, value in self.headers.items()
-            )
+            return header_lines(self.headers.items())
         return super().processed_headers
 
 
