@@ -26,6 +26,7 @@ from service.sse import DEFAULT_MAX_EVENT, EventFilter, SSEEvent, encode_data
 
 MODES = ("strip", "reasoning")
 _ENVELOPE = ("id", "object", "created", "model")
+_CHOICE_INDEX = re.compile(rb'"index"\s*:\s*(\d+)')
 _TAG_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.:-]{0,31}")
 _MAX_TAGS = 16
 
@@ -131,6 +132,11 @@ class ThinkFilter:
         self._state = _State.START
         self._held = ""
         self.found = False
+
+    @property
+    def settled(self) -> bool:
+        """Past any leading block, holding nothing: all text from here on is content as it is."""
+        return self._state is _State.CONTENT
 
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, content) released by this piece of text."""
@@ -246,6 +252,7 @@ class ThinkStream(EventFilter):
         self._tags = tags
         self._filters: dict[int, ThinkFilter] = {}
         self._envelope: dict[str, Any] = {}
+        self._settled: frozenset[bytes] = frozenset()  # choice indexes whose text passes as it is
         self.stripped = 0
 
     def close(self) -> bytes:
@@ -256,6 +263,8 @@ class ThinkStream(EventFilter):
 
     def _relay(self, event: SSEEvent) -> bytes:
         if event.data is None:
+            return event.raw
+        if self._passes(event.raw):
             return event.raw
         if event.data.strip() == "[DONE]":
             return self._flush() + event.raw
@@ -271,11 +280,26 @@ class ThinkStream(EventFilter):
             if isinstance(choice, dict):
                 index = choice.get("index")
                 changed = self._rewrite(choice, index if isinstance(index, int) else position) or changed
+        self._settled = (
+            frozenset(str(index).encode() for index in self._filters)
+            if self._filters and all(think.settled for think in self._filters.values())
+            else frozenset()
+        )
         if not changed:
             return event.raw
         if _blank(chunk.get("usage")) and all(_says_nothing(choice) for choice in chunk["choices"]):
             return b""
         return encode_data(orjson.dumps(chunk))
+
+    def _passes(self, raw: bytes) -> bool:
+        """An event that cannot change, known without parsing it: once the choices seen are
+        past their leading block, most of a long answer. Every choice index it names must be
+        one of those, and it holds no ``<`` (nor a ``\\u003c`` escape) that could open a block
+        for a choice not seen yet. A tool call's own ``index`` only makes it parsed."""
+        if not self._settled or b"<" in raw or b"\\u003" in raw:
+            return False
+        indexes = _CHOICE_INDEX.findall(raw)
+        return bool(indexes) and self._settled.issuperset(indexes)
 
     def _rewrite(self, choice: dict[str, Any], index: int) -> bool:
         """Run one choice's text through its filter; whether the choice changed."""

@@ -223,6 +223,11 @@ async def _stream(
     if event_stream:
         own["x-accel-buffering"] = "no"
     keepalive = exchange.settings.stream_keepalive_seconds if event_stream else 0
+    protocol = answer.connection.protocol if answer.connection is not None else None
+    if protocol is not None:
+        # The BodyReader bounds each read by the gap from here on; aiohttp's own read timer
+        # would be cancelled and made again for every chunk (~4 µs an event).
+        protocol.read_timeout = None
     with upstream.BodyReader(answer, gap, keepalive) as body:
         chunk = await body.read()  # before any byte is sent, a failure still gets its status
         exchange.outcome = "started"

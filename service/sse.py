@@ -42,6 +42,9 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         """The events this chunk completes; an unfinished line or event waits for more."""
+        whole = self._whole_events(chunk)
+        if whole is not None:
+            return whole
         events: list[SSEEvent] = []
         if chunk and self._after_cr:
             # A CR ended the previous chunk and its line at once, so nothing waits on the
@@ -65,6 +68,22 @@ class SSEParser:
             start = scanned = match.end()
             self._after_cr = match.end() == len(buffer) and match.group() == b"\r"
         del buffer[:start]
+        return events
+
+    def _whole_events(self, chunk: bytes) -> list[SSEEvent] | None:
+        """What ``feed`` gives for a chunk of whole one-line ``data:`` events, LF-ended, with
+        nothing held before it: how a model server sends a token, one event a write. Split at
+        once; anything else (None) goes through the line parser."""
+        if self._line or self._raw or self._first_line or self._after_cr or not chunk.endswith(b"\n\n"):
+            return None
+        if b"\r" in chunk:
+            return None
+        events = []
+        for line in chunk[:-2].split(b"\n\n"):
+            if not line.startswith(b"data:") or b"\n" in line:
+                return None
+            data = line[6:] if line.startswith(b"data: ") else line[5:]
+            events.append(SSEEvent(line + b"\n\n", data.decode("utf-8", "replace")))
         return events
 
     @property

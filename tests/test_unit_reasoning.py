@@ -518,3 +518,66 @@ def test_think_tags_setting_defaults_to_think_and_a_bad_one_fails_naming_it() ->
     )
     with pytest.raises(ConfigError, match=r"^THINK_TAGS: '<thinking>' is not a tag name"):
         load_settings({"UPSTREAM_URL": "http://h:8000", "THINK_TAGS": "think,<thinking>"})
+
+
+def tool_chunk(index: int = 0) -> bytes:
+    call = {"index": 3, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    choice = {"index": index, "delta": {"tool_calls": [call]}, "logprobs": None, "finish_reason": None}
+    return encode_data(orjson.dumps({**ENVELOPE, "choices": [choice]}))
+
+
+def parsing_every_event(mode: str, chat: bool) -> ThinkStream:
+    stream = ThinkStream(mode, chat)
+    stream._passes = lambda raw: False  # type: ignore[method-assign]
+    return stream
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    data=st.data(),
+    first=answers,
+    second=answers,
+    late=st.integers(0, 8),
+    mode=st.sampled_from(["strip", "reasoning"]),
+    chat=st.booleans(),
+)
+def test_events_passed_without_parsing_are_the_ones_parsing_would_leave_alone(
+    data: st.DataObject, first: str, second: str, late: int, mode: str, chat: bool
+) -> None:
+    """Once the choices seen are past their leading block, events are relayed without being
+    parsed: the output is byte for byte what parsing every event gives, with a second choice
+    that starts late (its think block, or whitespace before it), tool calls carrying an index
+    of their own, and ``<`` in the text."""
+    chunk = chat_chunk if chat else text_chunk
+    pieces = split_at(first, data.draw(st.lists(st.integers(0, len(first)), max_size=8)))
+    later = split_at(second, data.draw(st.lists(st.integers(0, len(second)), max_size=4)))
+    events = [chunk(piece) for piece in pieces]
+    events[late:late] = [chunk(piece, index=1) for piece in later]
+    if chat:
+        events.insert(data.draw(st.integers(0, len(events))), tool_chunk(data.draw(st.sampled_from([0, 1]))))
+    events += [chunk("", finish="stop"), chunk("", index=1, finish="stop"), usage_chunk(), DONE]
+    upstream = b"".join(events)
+    cuts = data.draw(st.lists(st.integers(0, len(upstream)), max_size=10))
+
+    fast = run(ThinkStream(mode, chat), *split_at(upstream, cuts))
+    parsed = run(parsing_every_event(mode, chat), *split_at(upstream, cuts))
+
+    assert fast == parsed
+
+
+def test_after_the_block_the_rest_of_a_long_answer_is_not_parsed() -> None:
+    stream = ThinkStream("strip", chat=True)
+    passes = stream._passes
+    parsed = 0
+
+    def counting(raw: bytes) -> bool:
+        nonlocal parsed
+        passed = passes(raw)
+        parsed += not passed
+        return passed
+
+    stream._passes = counting  # type: ignore[method-assign]
+    events = [chat_chunk("<think>plan</think>"), chat_chunk("Hello")] + [chat_chunk(" word")] * 50
+    output = run(stream, *events, chat_chunk(finish="stop"), DONE)
+    assert parsed == 3  # the block, the first content (then settled), and [DONE]
+    assert texts(output, "content") == "Hello" + " word" * 50

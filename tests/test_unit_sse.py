@@ -304,3 +304,31 @@ def test_ends_stream_refuses_anything_else(sent: bytes) -> None:
 )
 def test_at_boundary(sent: bytes, between: bool) -> None:
     assert at_boundary(sent) is between
+
+
+one_line_events = (
+    st.lists(st.sampled_from([b"data: ", b"data:", b"x", b" ", "é".encode(), b"\xff", b":", b"\n", b"\r"]))
+    .map(b"".join)
+    .map(lambda line: line + b"\n\n")
+)
+writes_of_events = st.lists(
+    st.lists(one_line_events, min_size=1, max_size=6).map(b"".join), min_size=1, max_size=5
+)
+
+
+def line_by_line(*chunks: bytes) -> list[SSEEvent]:
+    parser = SSEParser()
+    parser._whole_events = lambda chunk: None  # type: ignore[method-assign]
+    return [event for chunk in chunks for event in parser.feed(chunk)] + parser.close()
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), writes=writes_of_events)
+def test_writes_of_whole_events_parse_as_the_line_parser_does(
+    data: st.DataObject, writes: list[bytes]
+) -> None:
+    """A write of whole one-line data events is split at once, without the line parser, and
+    gives the same events; other writes (CR, more lines, a blank event) go the long way."""
+    if data.draw(st.booleans()):
+        writes = [b"data: first\n\n", *writes]  # a stream's first line always goes the long way
+    assert [(e.raw, e.data) for e in parse(*writes)] == [(e.raw, e.data) for e in line_by_line(*writes)]
