@@ -10,6 +10,7 @@ environment that names no venv, as on a host where nothing but the file was copi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -71,8 +72,17 @@ def zipapp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     cache_provider = getattr(request.config, "cache", None)  # absent under -p no:cacheprovider
     cache = Path(cache_provider.mkdir("zipapp")) if cache_provider else tmp_path_factory.mktemp("zipapp")
     target = cache / f"openai-model-rerouter-{sources_key()}.pyz"
-    if target.exists():
-        return target
+    # pytest-xdist runs a session per worker: one builds while the others wait for the file
+    # (a reader of a zipapp being written, or replaced, fails on a bad zip header).
+    with open(cache / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            build(shiv, target, tmp_path_factory)
+    return target
+
+
+def build(shiv: Path, target: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    cache = target.parent
     work = tmp_path_factory.mktemp("zipapp-build")
     for name in SOURCES:
         source = ROOT / name
@@ -94,8 +104,9 @@ def zipapp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     assert result.returncode == 0, f"shiv failed:\n{result.stdout}\n{result.stderr}"
     for old in cache.glob("openai-model-rerouter-*.pyz"):
         old.unlink()
-    shutil.move(built, target)
-    return target
+    partial = cache / f"{target.name}.partial"
+    shutil.copyfile(built, partial)
+    partial.replace(target)  # whole or not at all, even for a run interrupted mid-copy
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT)
