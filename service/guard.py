@@ -66,7 +66,7 @@ class GuardedHttp(Http):
         protocol: GuardedProtocol = self.protocol
         settings: Settings = protocol.app.ctx.settings
         if self.kept_alive:  # the first request's head deadline runs from the connection's start
-            protocol.arm(settings.client_header_timeout, "the request head did not arrive in time")
+            protocol.arm()
         self.kept_alive = True
         try:
             await super().http1_request_header()
@@ -103,9 +103,7 @@ class GuardedProtocol(HttpProtocol):
         "_deadline",
         "_drain_left",
         "_head_due",
-        "_head_message",
         "_head_timer",
-        "_head_timer_at",
         "_lingering",
         "must_linger",
     )
@@ -114,9 +112,7 @@ class GuardedProtocol(HttpProtocol):
         super().__init__(**kwargs)
         self._deadline: asyncio.TimerHandle | None = None  # the lingering close's
         self._head_due: float | None = None
-        self._head_message = ""
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timer_at = 0.0
         self._drain_left = 0
         self._lingering = False
         self.must_linger = False
@@ -126,7 +122,7 @@ class GuardedProtocol(HttpProtocol):
         open_now = len(self.connections)
         if open_now < settings.max_client_connections:
             super().connection_made(transport)
-            self.arm(settings.client_header_timeout, "the request head did not arrive in time")
+            self.arm()
             return
         self.transport = transport
         self.conn_info = ConnInfo(transport, unix=self._unix)
@@ -137,16 +133,16 @@ class GuardedProtocol(HttpProtocol):
         transport.write(BUSY)
         self._linger()
 
-    def arm(self, seconds: float, message: str) -> None:
-        """From now, ``seconds`` for the request head: past them the request gets a 408.
+    def arm(self) -> None:
+        """From now, CLIENT_HEADER_TIMEOUT for the request head: past it the request gets a 408.
 
         One timer per connection, moved on only when it fires before the deadline: a keep-alive
         connection arms this for every request, and making and cancelling a timer costs ~4 µs."""
-        due = self.loop.time() + seconds
-        if self._head_timer is None or self._head_timer_at > due:
+        due = self.loop.time() + self.app.ctx.settings.client_header_timeout
+        if self._head_timer is None or self._head_timer.when() > due:
             self._stop_head_timer()
-            self._head_timer, self._head_timer_at = self.loop.call_at(due, self._head_check), due
-        self._head_due, self._head_message = due, message
+            self._head_timer = self.loop.call_at(due, self._head_check)
+        self._head_due = due
 
     def disarm(self) -> None:
         """The head arrived: the timer, when it fires, finds nothing due."""
@@ -164,17 +160,17 @@ class GuardedProtocol(HttpProtocol):
         if due is None:
             return
         if due - self.loop.time() > 0.001:  # armed again since: wait for the new deadline
-            self._head_timer, self._head_timer_at = self.loop.call_at(due, self._head_check), due
+            self._head_timer = self.loop.call_at(due, self._head_check)
             return
         self._head_due = None
-        self._expire(self._head_message)
+        self._expire()
 
-    def _expire(self, message: str) -> None:
+    def _expire(self) -> None:
         """As Sanic's own timeouts do: the connection task is cancelled and, if a request was
         begun, answers the exception set here; one that sent nothing yet is just closed."""
         http = self.http
         if http is not None and self._task is not None:
-            http.exception = RequestTimeout(message)
+            http.exception = RequestTimeout("the request head did not arrive in time")
             self.must_linger = True
             self._task.cancel()
 
@@ -195,9 +191,7 @@ class GuardedProtocol(HttpProtocol):
         if self.transport.can_write_eof():
             self.transport.write_eof()
         self.transport.resume_reading()
-        self._stop_head_timer()
-        if self._deadline is not None:
-            self._deadline.cancel()
+        self._stop_timers()
         self._deadline = self.loop.call_later(LINGER_SECONDS, self._end_linger)
 
     def _end_linger(self) -> None:
@@ -213,11 +207,14 @@ class GuardedProtocol(HttpProtocol):
             self._end_linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._stop_timers()
+        super().connection_lost(exc)
+
+    def _stop_timers(self) -> None:
         self._stop_head_timer()
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        super().connection_lost(exc)
 
 
 async def read_body(request: Request, settings: Settings) -> None:

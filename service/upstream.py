@@ -97,7 +97,10 @@ def request_headers(
     if any(map(_CONTROL.search, kept.values())):
         name = next(name for name, value in kept.items() if _CONTROL.search(value))
         raise ProxyError(400, f"header {name!r} holds a control character", "invalid_header")
-    return _without_hop_by_hop(kept, _NOT_FORWARDED_UP)
+    # The names present are found in one call (a case-insensitive set intersection).
+    for name in kept.keys() & _hop_by_hop(_NOT_FORWARDED_UP, kept.getall("connection", ())):
+        kept.popall(name, None)
+    return kept
 
 
 def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -105,24 +108,14 @@ def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]
     An answer carries a handful of headers: one pass over them costs half of a multidict's
     copy-and-prune."""
     pairs = list(headers)
-    drop = _NOT_RELAYED_DOWN
-    named = [value for name, value in pairs if name.lower() == "connection"]
-    if named:
-        drop = drop | {token.strip().lower() for value in named for token in value.split(",")}
+    drop = _hop_by_hop(_NOT_RELAYED_DOWN, [value for name, value in pairs if name.lower() == "connection"])
     return [(name, value) for name, value in pairs if name.lower() not in drop]
 
 
-def _without_hop_by_hop(headers: CIMultiDict[str], always: frozenset[str]) -> CIMultiDict[str]:
-    """``headers`` pruned in place of ``always`` and of every header its Connection names.
-    The names present are found in one call (a case-insensitive set intersection), and most
-    requests and answers hold none or one of them."""
-    named = headers.getall("connection", ())
-    for name in headers.keys() & always:
-        headers.popall(name, None)
-    for value in named:
-        for token in value.split(","):
-            headers.popall(token.strip(), None)
-    return headers
+def _hop_by_hop(always: frozenset[str], connection: Iterable[str]) -> frozenset[str]:
+    """The lower-case names not passed on: ``always``, and every header a Connection value names."""
+    named = frozenset(token.strip().lower() for value in connection for token in value.split(","))
+    return always | named if named else always
 
 
 def failure(exc: BaseException) -> UpstreamError:
@@ -177,8 +170,8 @@ class call:
 
 
 class BodyReader:
-    """The answer's body as it arrives, each read bounded by ``gap`` as well as by aiohttp's
-    sock_read: aiohttp's C parser can wait forever on a malformed chunk-size line.
+    """The answer's body as it arrives, each read bounded by ``gap``: aiohttp's C parser can wait
+    forever on a malformed chunk-size line, and a stream turns aiohttp's own read timer off.
 
     With ``keepalive`` (seconds), ``read`` also returns None when nothing was relayed to the
     client for that long (the caller sets ``relayed`` after each send), so a stream whose text is
