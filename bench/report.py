@@ -10,97 +10,61 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-# Where a number sits in the results: part, row (a column of the table), key.
-_Path = tuple[str, str, str]
-
 
 @dataclass(frozen=True)
 class Target:
+    """A limit on ``key`` of ``part`` (a path through the results: ``("delay_us", "p99")``),
+    comparing the table's ``ours`` column with its ``versus`` column."""
+
     name: str
-    ours: _Path
-    versus: _Path
+    part: str
+    key: tuple[str, ...]
     how: str  # "ratio": ours / versus; "added": ours - versus
     limit: float
     op: str  # "<=" or ">="
     unit: str  # shown after the numbers ("x", "us", "ms", "KiB")
     scale: float = 1.0  # applied to both numbers before comparing (us -> ms)
+    ours: str = "proxy"
+    versus: str = "floor"
 
 
+_ADDED_LATENCY = Target(
+    "added latency p50 @1 conn, proxy - floor", "nonstream", ("latency_p50_us",), "added", 30.0, "<=", "us"
+)
 TARGETS = (
     Target(
         "CPU per non-streamed request, proxy / floor",
-        ("nonstream", "proxy", "server_cpu_us_per_request"),
-        ("nonstream", "floor", "server_cpu_us_per_request"),
-        "ratio",
-        1.3,
-        "<=",
-        "x",
+        "nonstream", ("server_cpu_us_per_request",), "ratio", 1.3, "<=", "x",
     ),
     Target(
         "relay CPU per event, proxy / floor",
-        ("streaming", "proxy", "server_cpu_s_per_1k_events"),
-        ("streaming", "floor", "server_cpu_s_per_1k_events"),
-        "ratio",
-        1.1,
-        "<=",
-        "x",
+        "streaming", ("server_cpu_s_per_1k_events",), "ratio", 1.1, "<=", "x",
     ),
     Target(
         "relay CPU per event with think stripping / floor",
-        ("streaming", "proxy_strip", "server_cpu_s_per_1k_events"),
-        ("streaming", "floor", "server_cpu_s_per_1k_events"),
-        "ratio",
-        1.5,
-        "<=",
-        "x",
+        "streaming", ("server_cpu_s_per_1k_events",), "ratio", 1.5, "<=", "x", ours="proxy_strip",
     ),
-    Target(
-        "added latency p50 @1 conn, proxy - floor",
-        ("nonstream", "proxy", "latency_p50_us"),
-        ("nonstream", "floor", "latency_p50_us"),
-        "added",
-        30.0,
-        "<=",
-        "us",
-    ),
+    _ADDED_LATENCY,
     Target(
         "RSS per open idle stream, proxy - floor",
-        ("memory", "proxy", "kib_per_stream"),
-        ("memory", "floor", "kib_per_stream"),
-        "added",
-        4.0,
-        "<=",
-        "KiB",
+        "memory", ("kib_per_stream",), "added", 4.0, "<=", "KiB",
     ),
     Target(
         "per-event delay p99 @10,000 events/s, proxy - floor",
-        ("streaming", "proxy", "delay_p99_us"),
-        ("streaming", "floor", "delay_p99_us"),
-        "added",
-        1.0,
-        "<=",
-        "ms",
-        scale=1e-3,
+        "streaming", ("delay_us", "p99"), "added", 1.0, "<=", "ms", scale=1e-3,
     ),
     Target(
         "requests/s, proxy / LiteLLM (same upstream)",
-        ("nonstream", "proxy", "rps"),
-        ("nonstream", "litellm", "rps"),
-        "ratio",
-        30.0,
-        ">=",
-        "x",
+        "nonstream", ("rps",), "ratio", 30.0, ">=", "x", versus="litellm",
     ),
-)
+)  # fmt: skip
 
 
-def number(results: dict[str, Any], path: _Path) -> float | None:
-    part, row, key = path
-    data = results.get(part, {}).get(row, {})
-    if key == "delay_p99_us":
-        data, key = data.get("delay_us") or {}, "p99"
-    value = data.get(key)
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+def dig(data: Any, *steps: str) -> float | None:
+    """The number at ``steps`` into nested dicts, or None where a step or the number is missing."""
+    for step in steps:
+        data = data.get(step) if isinstance(data, dict) else None
+    return data if isinstance(data, int | float) and not isinstance(data, bool) else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -111,7 +75,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target: both numbers, what they make, the limit, pass/fail (None: not measured)."""
     checked = []
     for target in TARGETS:
-        ours, versus = number(results, target.ours), number(results, target.versus)
+        part = results.get(target.part, {})
+        ours, versus = dig(part, target.ours, *target.key), dig(part, target.versus, *target.key)
         if ours is not None and versus is not None:
             ours, versus = ours * target.scale, versus * target.scale
         value = ratio(ours, versus) if target.how == "ratio" else None
@@ -201,14 +166,9 @@ def render(results: dict[str, Any]) -> str:
             extra.append(fmt(ratio(ours, values.get("litellm")), 2) if ratios else "")
         rows.append((label, *cells, *extra))
 
-    def pick(part: dict[str, Any], key: str, *path: str, scale: float = 1.0) -> dict[str, Any]:
-        out = {}
-        for name, _ in COLUMNS:
-            value: Any = part.get(name, {}).get(key)
-            for step in path:
-                value = value.get(step) if isinstance(value, dict) else None
-            out[name] = value * scale if isinstance(value, int | float) else value
-        return out
+    def pick(part: dict[str, Any], *key: str, scale: float = 1.0) -> dict[str, Any]:
+        picked = {name: dig(part, name, *key) for name, _ in COLUMNS}
+        return {name: value * scale if value is not None else None for name, value in picked.items()}
 
     if ns:
         rows.append(
@@ -221,9 +181,9 @@ def render(results: dict[str, Any]) -> str:
         row("latency p99 @1 conn (us)", pick(ns, "latency_p99_us"))
         seen = ns.get("proxy", {}).get("overhead_histogram")
         if seen:
-            p50s = pick(ns, "latency_p50_us")
-            floor_p50, proxy_p50 = p50s.get("floor"), p50s.get("proxy")
-            added = proxy_p50 - floor_p50 if proxy_p50 is not None and floor_p50 is not None else None
+            added = next(
+                (t["value"] for t in results.get("targets", []) if t["target"] == _ADDED_LATENCY.name), None
+            )
             rows.append(
                 f"  proxy overhead per rerouter_proxy_overhead_seconds ({seen['count']:,.0f} requests): "
                 f"mean {fmt(seen['mean_us'])} us, p50 {fmt(seen['p50_us'])} us, "
@@ -243,25 +203,10 @@ def render(results: dict[str, Any]) -> str:
         row("per-event delay p50 (ms)", pick(st, "delay_us", "p50", scale=1e-3), 2)
         row("per-event delay p99 (ms)", pick(st, "delay_us", "p99", scale=1e-3), 2)
         row("relay CPU s / 1k events", pick(st, "server_cpu_s_per_1k_events"), 4)
-        strip = st.get("proxy_strip")
-        if strip:
-            floor = st.get("floor", {})
-            row(
-                "  proxy+strip: relay CPU s / 1k events",
-                {
-                    "floor": floor.get("server_cpu_s_per_1k_events"),
-                    "proxy": strip["server_cpu_s_per_1k_events"],
-                },
-                4,
-            )
-            row(
-                "  proxy+strip: delay p99 (ms)",
-                {
-                    "floor": (floor.get("delay_us") or {}).get("p99", 0) / 1000 if floor else None,
-                    "proxy": strip["delay_us"]["p99"] / 1000,
-                },
-                2,
-            )
+        if "proxy_strip" in st:  # its own rows, against the floor's plain relay
+            strip = {"floor": st.get("floor", {}), "proxy": st["proxy_strip"]}
+            row("  proxy+strip: relay CPU s / 1k events", pick(strip, "server_cpu_s_per_1k_events"), 4)
+            row("  proxy+strip: delay p99 (ms)", pick(strip, "delay_us", "p99", scale=1e-3), 2)
         row("  upstream CPU s / 1k events", pick(st, "upstream_cpu_s_per_1k_events"), 4, ratios=False)
         row("  client CPU s (whole run)", pick(st, "client_cpu_s"), 2, ratios=False)
         row("  other processes' load (cores)", pick(st, "other_cores"), 2, ratios=False)
