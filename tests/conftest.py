@@ -18,6 +18,7 @@ from urllib.parse import unquote
 import httpx
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fake_upstream import FakeUpstream
 from tests.fault_server import FaultServer
@@ -76,6 +77,10 @@ class Proxy:
     @property
     def v1(self) -> str:
         return f"{self.url}/v1"
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     def log_events(self) -> list[dict[str, Any]]:
         """The JSON events the proxy logged so far (other lines, such as Sanic's, skipped)."""
@@ -182,3 +187,32 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
 def proxy(start_proxy: StartProxy) -> Proxy:
     """The proxy with the default test map, shared by tests that do not change settings."""
     return start_proxy()
+
+
+# -- /metrics ----------------------------------------------------------------------------------
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def scrape(proxy: Proxy) -> Samples:
+    """Every sample of the proxy's /metrics page: (name, labels, value)."""
+    response = httpx.get(f"{proxy.url}/metrics", timeout=10)
+    assert response.status_code == 200, response.text[:300]
+    assert response.headers["content-type"].startswith("text/plain")
+    return [
+        (sample.name, dict(sample.labels), sample.value)
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    ]
+
+
+def pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
+    return [
+        (have, value)
+        for sample_name, have, value in samples
+        if sample_name == name and all(have.get(k) == v for k, v in labels.items())
+    ]
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    return sum(value for _, value in pick(samples, name, **labels))

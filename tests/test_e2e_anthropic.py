@@ -11,9 +11,8 @@ import anthropic
 import httpx
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import DEFAULT_MAP, Proxy, StartProxy, eventually
+from tests.conftest import DEFAULT_MAP, Proxy, StartProxy, eventually, scrape, total
 from tests.fake_upstream import FakeUpstream
 
 KEY = "sk-ant-proxy"
@@ -37,14 +36,7 @@ def client(proxy: Proxy, key: str = KEY) -> anthropic.Anthropic:
 
 
 def requests_total(proxy: Proxy, **labels: str) -> float:
-    text = httpx.get(f"{proxy.url}/metrics", timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "rerouter_requests_total"
-        and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
+    return total(scrape(proxy), "rerouter_requests_total", **labels)
 
 
 def test_sdk_message_is_rewritten_and_labelled(messages_proxy: Proxy, upstream: FakeUpstream) -> None:

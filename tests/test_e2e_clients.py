@@ -13,15 +13,13 @@ import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import openai
 import orjson
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proxy, StartProxy, eventually
+from tests.conftest import Proxy, StartProxy, eventually, scrape, total
 from tests.fake_upstream import FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -50,22 +48,6 @@ def logged(proxy: Proxy, rid: str) -> dict[str, Any]:
 
     result: dict[str, Any] = eventually(find, 10)
     return result
-
-
-def metric(proxy: Proxy, name: str, **labels: str) -> float:
-    text = httpx.get(f"{proxy.url}/metrics", timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
-    )
-
-
-def port_of(proxy: Proxy) -> int:
-    port = urlsplit(proxy.url).port
-    assert port is not None
-    return port
 
 
 def raw_post(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
@@ -116,7 +98,7 @@ def named(headers: list[tuple[str, str]], name: str) -> list[str]:
 
 def test_sync_sdk_stream_read_to_done_is_completed(clients_proxy: Proxy) -> None:
     """The sync SDK closes at [DONE]; the upstream ends its body 1.5 s later: still a 200."""
-    before_499 = metric(clients_proxy, "rerouter_requests_total", status_code="499")
+    before_499 = total(scrape(clients_proxy), "rerouter_requests_total", status_code="499")
     rid = request_id("sync-done")
     client = openai.OpenAI(base_url=clients_proxy.v1, api_key="k", max_retries=0, timeout=10)
     stream = client.chat.completions.create(
@@ -126,9 +108,12 @@ def test_sync_sdk_stream_read_to_done_is_completed(clients_proxy: Proxy) -> None
     assert text == "reply from linger-1500"
     event = logged(clients_proxy, rid)
     assert (event["status"], event["outcome"]) == (200, "completed")
-    assert metric(clients_proxy, "rerouter_requests_total", status_code="499") == before_499
+    assert total(scrape(clients_proxy), "rerouter_requests_total", status_code="499") == before_499
     assert (
-        metric(clients_proxy, "rerouter_streams_total", target_model="linger-1500", outcome="completed") >= 1
+        total(
+            scrape(clients_proxy), "rerouter_streams_total", target_model="linger-1500", outcome="completed"
+        )
+        >= 1
     )
 
 
@@ -154,7 +139,7 @@ def test_raw_client_leaving_is_completed_only_after_the_final_event(
     """Leaving after the final event is a completed 200; leaving before it stays a 499."""
     rid = request_id("raw-leave")
     body = {"model": "linger-2000" if read_to_done else "slow-stream", "messages": MESSAGES, "stream": True}
-    with socket.create_connection(("127.0.0.1", port_of(clients_proxy)), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", clients_proxy.port), timeout=10) as sock:
         sock.sendall(raw_post("/v1/chat/completions", body, {"x-request-id": rid}))
         received = b""
         while (b"data: [DONE]\n\n" if read_to_done else b"tick") not in received:
@@ -205,8 +190,8 @@ def test_strip_mode_sends_headers_at_once_and_comments_while_thinking(start_prox
     body = {"model": "qwen3-think-slow", "prompt": "hi", "stream": True}
     quiet = start_proxy(THINK_OUTPUT="strip", STREAM_KEEPALIVE_SECONDS="0")
     lively = start_proxy(THINK_OUTPUT="strip", STREAM_KEEPALIVE_SECONDS="0.3")
-    _, expected, _ = exchange_raw(port_of(quiet), raw_post("/v1/completions", body))
-    with socket.create_connection(("127.0.0.1", port_of(lively)), timeout=10) as sock:
+    _, expected, _ = exchange_raw(quiet.port, raw_post("/v1/completions", body))
+    with socket.create_connection(("127.0.0.1", lively.port), timeout=10) as sock:
         sock.sendall(raw_post("/v1/completions", body))
         head = b""
         while b"\r\n\r\n" not in head:
@@ -238,7 +223,7 @@ def test_comments_go_only_between_events_of_a_relayed_stream(
     """Paced events 0.8 s apart: comments in the gaps, and without them the upstream's exact bytes."""
     body = {"model": "paced-3x800", "messages": MESSAGES, "stream": True}
     direct = httpx.post(f"{upstream.url}/v1/chat/completions", json=body, timeout=10).content
-    _, relayed, status = exchange_raw(port_of(clients_proxy), raw_post("/v1/chat/completions", body))
+    _, relayed, status = exchange_raw(clients_proxy.port, raw_post("/v1/chat/completions", body))
     assert status == 200
     assert relayed.count(KEEPALIVE) >= 2
     assert relayed.replace(KEEPALIVE, b"") == direct
@@ -250,7 +235,7 @@ def test_comments_go_only_between_events_of_a_relayed_stream(
 def test_keepalive_zero_sends_no_comment(start_proxy: StartProxy, upstream: FakeUpstream) -> None:
     proxy = start_proxy(STREAM_KEEPALIVE_SECONDS="0")
     body = {"model": "paced-2x700", "messages": MESSAGES, "stream": True}
-    _, relayed, _ = exchange_raw(port_of(proxy), raw_post("/v1/chat/completions", body))
+    _, relayed, _ = exchange_raw(proxy.port, raw_post("/v1/chat/completions", body))
     assert KEEPALIVE not in relayed
     assert relayed.endswith(b"data: [DONE]\n\n")
 
@@ -262,7 +247,7 @@ def test_proxy_headers_replace_the_upstreams_on_a_stream(clients_proxy: Proxy) -
     """Behind LiteLLM the upstream sends X-Accel-Buffering and its own X-Request-Id already."""
     answer = {"X-Accel-Buffering": "no", "x-request-id": "from-upstream", "X-Rerouter-Upstream": "spoofed"}
     headers, body, status = exchange_raw(
-        port_of(clients_proxy),
+        clients_proxy.port,
         raw_post(
             "/v1/chat/completions",
             {"model": "gpt-4o", "messages": MESSAGES, "stream": True},
@@ -279,7 +264,7 @@ def test_proxy_headers_replace_the_upstreams_on_a_stream(clients_proxy: Proxy) -
 def test_proxy_headers_replace_the_upstreams_on_a_whole_answer(clients_proxy: Proxy) -> None:
     answer = {"x-request-id": "from-upstream", "x-rerouter-target-model": "spoofed"}
     headers, _, status = exchange_raw(
-        port_of(clients_proxy),
+        clients_proxy.port,
         raw_post(
             "/v1/chat/completions",
             {"model": "gpt-4o", "messages": MESSAGES},
@@ -297,7 +282,7 @@ def test_proxy_headers_replace_the_upstreams_on_a_whole_answer(clients_proxy: Pr
 def test_an_answer_without_content_type_is_relayed_without_one(clients_proxy: Proxy, model: str) -> None:
     remove = orjson.dumps({"Content-Type": None}).decode()
     headers, body, status = exchange_raw(
-        port_of(clients_proxy),
+        clients_proxy.port,
         raw_post(
             "/v1/chat/completions", {"model": model, "messages": MESSAGES}, {"X-Fake-Answer-Headers": remove}
         ),

@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import Proxy, StartProxy, eventually
 from tests.fake_upstream import QWEN_REASONING, FakeUpstream, qwen_answer
-from tests.test_e2e_thinking import ENDPOINTS, MODES, STREAMING, ask
+from tests.test_e2e_thinking import ENDPOINTS, MODES, STREAMING, ask, user_text
 
 TIMEOUT = 10
 QWEN = "qwen3-think-8b"
@@ -78,10 +78,6 @@ def seen(upstream: FakeUpstream, chat: bool, model: str) -> dict[str, Any]:
                 if isinstance(body, dict) and body.get("model") == model:
                     return body
     raise AssertionError(f"the upstream saw no request for {model}")
-
-
-def user_text(body: dict[str, Any], chat: bool) -> str:
-    return str(body["messages"][-1]["content"] if chat else body["prompt"])
 
 
 @pytest.mark.parametrize("stream", STREAMING)

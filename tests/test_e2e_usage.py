@@ -16,9 +16,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Proxy, StartProxy, eventually
+from tests.conftest import Proxy, Samples, StartProxy, eventually, pick, scrape, total
 from tests.fake_upstream import QWEN_USAGE, FakeUpstream
-from tests.test_metrics import Samples, pick, scrape, total
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 PROXY_TIMING = re.compile(r"proxy;dur=(\d+\.\d{3})")
@@ -326,8 +325,7 @@ def test_overhead_histogram_counts_every_proxied_request(start_proxy: StartProxy
         assert bad.status_code == 400
         # A client that leaves in the middle of a stream (499) is counted too.
         body = orjson.dumps({"model": "gpt-slow", "stream": True, "messages": MESSAGES})
-        port = int(proxy.url.rsplit(":", 1)[1])
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
             sock.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()

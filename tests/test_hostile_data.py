@@ -22,15 +22,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import orjson
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Proxy, StartProxy, eventually
+from tests.conftest import Proxy, Samples, StartProxy, eventually, pick, scrape
 from tests.fake_upstream import Seen
 
 UPSTREAM_KEY = "sk-upstream-9f8e7d"
@@ -139,16 +137,6 @@ def assert_error(response: httpx.Response, status: int, code: str) -> None:
     assert response.json()["error"]["code"] == code
 
 
-def scrape(proxy: Proxy) -> list[tuple[str, dict[str, str], float]]:
-    page = httpx.get(f"{proxy.url}/metrics", timeout=10)
-    assert page.status_code == 200, page.text[:300]
-    return [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(page.text)
-        for sample in family.samples
-    ]
-
-
 def request_events(proxy: Proxy) -> list[dict[str, Any]]:
     return [event for event in proxy.log_events() if event.get("event") == "request"]
 
@@ -188,10 +176,7 @@ def test_a_lone_surrogate_model_is_refused_and_metrics_stay_up(proxy: Proxy, ser
         ).status_code
         == 200
     )
-    samples = scrape(proxy)
-    assert any(
-        name == "rerouter_requests_total" and labels["status_code"] == "400" for name, labels, _ in samples
-    )
+    assert pick(scrape(proxy), "rerouter_requests_total", status_code="400")
 
     def logged() -> None:
         refused = [e for e in request_events(proxy) if e["status"] == 400 and e["endpoint"] == "responses"]
@@ -236,7 +221,7 @@ def test_a_long_served_id_is_other_in_metrics_absent_from_headers_and_cut_in_log
     assert "x-rerouter-target-model" not in answer.headers
     assert answer.headers["x-rerouter-upstream"] == "default"
 
-    def booked() -> list[tuple[str, dict[str, str], float]]:
+    def booked() -> Samples:
         samples = scrape(proxy)
         assert [
             labels
@@ -310,14 +295,12 @@ def test_a_json_body_under_another_content_type_is_mapped_as_the_upstream_will_r
 def test_two_content_types_or_a_compressed_body_are_refused(proxy: Proxy, server: Upstream) -> None:
     body = b'{"model": "text-embedding-3-small", "input": "x"}'
     mark = len(server.requests)
-    port = urlsplit(proxy.url).port
-    assert port is not None
     head = (
         b"POST /v1/embeddings HTTP/1.1\r\nHost: p\r\nConnection: close\r\n"
         b"Content-Type: application/json\r\nContent-Type: multipart/form-data; boundary=x\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     )
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
         sock.sendall(head + body)
         reply = sock.makefile("rb").read()
     assert reply.startswith(b"HTTP/1.1 400"), reply[:200]

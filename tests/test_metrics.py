@@ -14,35 +14,9 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.metrics import FLUSH_SECONDS, ModelLabels, Pending
-from tests.conftest import Proxy, StartProxy, eventually
-
-Samples = list[tuple[str, dict[str, str], float]]
-
-
-def scrape(proxy: Proxy) -> Samples:
-    response = httpx.get(f"{proxy.url}/metrics", timeout=10)
-    assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain")
-    return [
-        (sample.name, dict(sample.labels), sample.value)
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    ]
-
-
-def pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str], float]]:
-    return [
-        (have, value)
-        for sample_name, have, value in samples
-        if sample_name == name and all(have.get(k) == v for k, v in labels.items())
-    ]
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    return sum(value for _, value in pick(samples, name, **labels))
+from tests.conftest import Proxy, Samples, StartProxy, eventually, pick, scrape, total
 
 
 def chat(proxy: Proxy, model: str, **extra: Any) -> httpx.Response:

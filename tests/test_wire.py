@@ -18,7 +18,6 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import aiohttp
 import httpx
@@ -128,14 +127,8 @@ def proxies(
         list(pool.map(Proxy.stop, running.values()))
 
 
-def port_of(proxy: Proxy) -> int:
-    port = urlsplit(proxy.url).port
-    assert port is not None
-    return port
-
-
 def connect(proxy: Proxy, timeout: float = 10) -> socket.socket:
-    return socket.create_connection(("127.0.0.1", port_of(proxy)), timeout=timeout)
+    return socket.create_connection(("127.0.0.1", proxy.port), timeout=timeout)
 
 
 CLOSE_WAIT = 2.0
