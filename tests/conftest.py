@@ -10,6 +10,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,3 +218,17 @@ def pick(samples: Samples, name: str, **labels: str) -> list[tuple[dict[str, str
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(value for _, value in pick(samples, name, **labels))
+
+
+@contextmanager
+def side_by_side(
+    start_proxy: StartProxy, settings: dict[str, dict[str, str]], **common: str
+) -> Iterator[dict[str, Proxy]]:
+    """A proxy per entry of ``settings`` (each over ``common``), started and stopped in parallel:
+    a module's proxies then cost the time of one start, not of all."""
+    with ThreadPoolExecutor(len(settings)) as pool:
+        started = {name: pool.submit(start_proxy, **{**common, **env}) for name, env in settings.items()}
+    running = {name: future.result() for name, future in started.items()}
+    yield running
+    with ThreadPoolExecutor(len(running)) as pool:
+        list(pool.map(Proxy.stop, running.values()))

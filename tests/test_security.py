@@ -23,7 +23,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Proxy, StartProxy, lands_under_v1
+from tests.conftest import Proxy, StartProxy, lands_under_v1, side_by_side
 from tests.fake_upstream import FakeUpstream, Seen
 
 ENV_KEYS = ("sk-env-alpha-4711c0ffee", "sk-env-beta-0815c0ffee")
@@ -159,15 +159,8 @@ def proxies(
             "REQUEST_TIMEOUT": "30",
         },
     }
-    with ThreadPoolExecutor(len(settings)) as pool:
-        started = {
-            name: pool.submit(start_proxy, **{"UPSTREAM_URL": own.url, "LOG_LEVEL": "debug", **env})
-            for name, env in settings.items()
-        }
-    running = {name: future.result() for name, future in started.items()}
-    yield running
-    with ThreadPoolExecutor(len(running)) as pool:
-        list(pool.map(Proxy.stop, running.values()))
+    with side_by_side(start_proxy, settings, UPSTREAM_URL=own.url, LOG_LEVEL="debug") as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

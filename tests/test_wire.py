@@ -25,7 +25,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tests.conftest import Proxy, StartProxy, eventually
+from tests.conftest import Proxy, StartProxy, eventually, side_by_side
 from tests.fault_server import FaultServer
 from tests.test_soak import worker_pid
 
@@ -116,15 +116,8 @@ def proxies(
         "ready": {"UPSTREAM_URL": probed["slow"].url},
         "redirected": {"UPSTREAM_URL": probed["redirecting"].url},
     }
-    with ThreadPoolExecutor(len(settings)) as pool:
-        started = {
-            name: pool.submit(start_proxy, **{"UPSTREAM_URL": echo.url, "MODEL_MAP": "{}", **env})
-            for name, env in settings.items()
-        }
-    running = {name: future.result() for name, future in started.items()}
-    yield running
-    with ThreadPoolExecutor(len(running)) as pool:
-        list(pool.map(Proxy.stop, running.values()))
+    with side_by_side(start_proxy, settings, UPSTREAM_URL=echo.url, MODEL_MAP="{}") as running:
+        yield running
 
 
 def connect(proxy: Proxy, timeout: float = 10) -> socket.socket:
