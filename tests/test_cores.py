@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -90,7 +89,7 @@ def test_bad_workers_values_name_the_variable(value: str) -> None:
 def test_the_listen_backlog_holds_a_burst_of_new_streams(proxy: Proxy) -> None:
     """Sanic's default backlog (100) overflows when hundreds of clients open streams at once;
     the proxy listens with LISTEN_BACKLOG (ss shows a listening socket's backlog as Send-Q)."""
-    port = urlsplit(proxy.url).port
+    port = proxy.port
     listing = subprocess.run(
         ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
     ).stdout.split()

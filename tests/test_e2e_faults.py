@@ -7,7 +7,6 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import httpx
 import httpx2
@@ -290,7 +289,7 @@ def test_raw_stream_ends_without_terminator_when_upstream_dies(
 
     # the same on the wire: the connection closes with no zero-length chunk
     raw = orjson.dumps(body)
-    port = urlsplit(proxy.url).port
+    port = proxy.port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: p\r\nContent-Type: application/json\r\n"
@@ -311,7 +310,7 @@ def test_raw_stream_ends_without_terminator_when_upstream_dies(
 
 def test_client_disconnect_reaches_upstream(proxy: Proxy, upstream: FakeUpstream) -> None:
     body = orjson.dumps({"model": "gpt-slow", "stream": True, "messages": MESSAGES})
-    port = urlsplit(proxy.url).port
+    port = proxy.port
     disconnects_before = len(upstream.disconnects)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:

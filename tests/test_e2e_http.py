@@ -137,7 +137,7 @@ def _read_http_response(sock: socket.socket) -> bytes:
 def test_stream_framing_on_the_wire(proxy: Proxy) -> None:
     """A raw socket: chunked framing ending in the zero-length terminator, SSE inside."""
     body = orjson.dumps({"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": "x"}]})
-    port = urlsplit(proxy.url).port
+    port = proxy.port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n"

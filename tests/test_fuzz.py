@@ -19,7 +19,6 @@ import json
 import socket
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -70,8 +69,7 @@ class Reply:
 
 
 def send(proxy: Proxy, request: bytes, *, head: bool = False) -> Reply:
-    port = urlsplit(proxy.url).port
-    assert port is not None
+    port = proxy.port
     with socket.create_connection(("127.0.0.1", port), timeout=ANSWER_WITHIN) as sock:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(request)  # it may answer before reading everything

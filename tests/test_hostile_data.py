@@ -13,14 +13,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,6 +25,8 @@ from aiohttp import web
 
 from tests.conftest import Proxy, Samples, StartProxy, eventually, pick, scrape
 from tests.fake_upstream import Seen
+from tests.test_cli import run
+from tests.test_security import send_raw
 
 UPSTREAM_KEY = "sk-upstream-9f8e7d"
 CLIENT_SECRET = "sk-client-anthropic-1a2b3c"
@@ -300,10 +297,8 @@ def test_two_content_types_or_a_compressed_body_are_refused(proxy: Proxy, server
         b"Content-Type: application/json\r\nContent-Type: multipart/form-data; boundary=x\r\n"
         b"Content-Length: %d\r\n\r\n" % len(body)
     )
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(head + body)
-        reply = sock.makefile("rb").read()
-    assert reply.startswith(b"HTTP/1.1 400"), reply[:200]
+    status, reply = send_raw(proxy, head, body)
+    assert status == 400, reply[:200]
     assert b'"invalid_header"' in reply
     compressed = post(proxy, "embeddings", gzip.compress(body), **{"content-encoding": "gzip"})
     assert_error(compressed, 415, "unsupported_content_encoding")
@@ -324,18 +319,6 @@ def test_x_api_key_is_replaced_like_the_other_credential_headers(proxy: Proxy, s
     assert seen.headers["Authorization"] == f"Bearer {UPSTREAM_KEY}"
     assert CLIENT_SECRET not in " ".join(f"{k}: {v}" for k, v in seen.headers.items())
     assert seen.headers["anthropic-version"] == "2023-06-01"
-
-
-def run_check(**env: str) -> subprocess.CompletedProcess[str]:
-    full = {k: v for k, v in os.environ.items() if k not in ("UPSTREAM_URL", "UPSTREAMS", "UPSTREAM_API_KEY")}
-    return subprocess.run(
-        [sys.executable, "-m", "service", "check"],
-        env={**full, **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=Path(__file__).resolve().parent.parent,
-    )
 
 
 @pytest.mark.parametrize(
@@ -371,10 +354,10 @@ def run_check(**env: str) -> subprocess.CompletedProcess[str]:
 def test_bad_credentials_fail_at_start_naming_the_setting_never_the_secret(
     env: dict[str, str], setting: str, secret: str
 ) -> None:
-    result = run_check(**env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert result.stderr.startswith(f"openai-model-rerouter: {setting}"), result.stderr
-    assert secret not in result.stdout + result.stderr
+    result = run("check", **env)
+    assert result.code == 2, result.out + result.err
+    assert result.err.startswith(f"openai-model-rerouter: {setting}"), result.err
+    assert secret not in result.out + result.err
 
 
 # --- 11. bounded buffers --------------------------------------------------------------------------

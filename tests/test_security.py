@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -390,9 +389,7 @@ def test_no_key_ever_appears_in_logs_or_error_bodies(
 
 def send_raw(proxy: Proxy, head: bytes, body: bytes = b"") -> tuple[int | None, bytes]:
     """One request written byte for byte; (status or None when closed unanswered, body)."""
-    port = urlsplit(proxy.url).port
-    assert port is not None
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
         sock.sendall(head + body)
         data = b""
         while chunk := sock.recv(65536):

@@ -301,7 +301,7 @@ def test_soak_relays_every_byte_without_errors_or_leaks(
         LOG_LEVEL="info",
     )
     pid = worker_pid(proxy)
-    proxy_port = int(proxy.url.rsplit(":", 1)[1])
+    proxy_port = proxy.port
     upstream_port = int(soak_upstream_url.rsplit(":", 1)[1])
     lines = [
         f"soak: 1 worker (pid {pid}), {CONCURRENCY} concurrent clients, upstream in its own process;"
