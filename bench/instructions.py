@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
-import os
 import re
 import shutil
 import subprocess
@@ -25,9 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench import nginx, payloads
+from bench import nginx, payloads, proc
 from bench.ab import source_of
-from bench.run import PYTHON, ROOT, free_port
+from bench.run import PYTHON, ROOT, free_port, proxy_settings
 
 _SERVE_PROXY = """
 import os
@@ -42,7 +40,7 @@ if hasattr(metrics, "FLUSH_SECONDS"):
     metrics.FLUSH_SECONDS *= 18
 settings = load_settings(os.environ, [])
 app = create_app(settings)
-app.run(host="127.0.0.1", port=settings.listen_port, single_process=True, access_log=False,
+app.run(host=settings.listen_host, port=settings.listen_port, single_process=True, access_log=False,
         motd=False, protocol=GuardedProtocol)
 """
 
@@ -79,7 +77,7 @@ def count(
     name: str, upstream_port: int, workdir: Path, requests: int, warmup: int, source: Path | None = None
 ) -> float:
     port = free_port()
-    env = {key: os.environ[key] for key in ("PATH", "HOME", "LANG") if key in os.environ}
+    env = proc.inherited_env()
     if source is not None:
         env["PYTHONPATH"] = str(source)
     if name == "floor":
@@ -93,16 +91,7 @@ def count(
             str(port),
         ]
     else:
-        env.update(
-            {
-                "UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}",
-                "MODEL_MAP": json.dumps(payloads.MODEL_MAP),
-                "LISTEN_PORT": str(port),
-                "LOG_FORMAT": "json",
-                "LOG_LEVEL": "info",
-                "PROMETHEUS_MULTIPROC_DIR": str(workdir / "metrics"),
-            }
-        )
+        env.update(proxy_settings(upstream_port, port, workdir / "metrics"))
         (workdir / "metrics").mkdir(exist_ok=True)
         argv = [PYTHON, "-c", _SERVE_PROXY]
     out = workdir / f"callgrind.{name}"

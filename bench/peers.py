@@ -12,7 +12,6 @@ an ``x-bench-query`` header (LiteLLM does not forward the query string;
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -58,9 +57,7 @@ class LiteLLM:
         self.port = port
         config = workdir / f"{name}.yaml"
         config.write_text(json.dumps(litellm_config(upstream_port), indent=2))
-        env = {
-            key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if key in os.environ
-        }
+        env = proc.inherited_env()
         env.update(
             {
                 "LITELLM_TELEMETRY": "False",

@@ -8,6 +8,12 @@ import signal
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
+_INHERITED = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
+
+
+def inherited_env() -> dict[str, str]:
+    """What a server under test takes from this environment: no settings of the caller's."""
+    return {key: os.environ[key] for key in _INHERITED if key in os.environ}
 
 
 def _stat_fields(pid: int) -> list[str]:

@@ -126,6 +126,23 @@ class PyServer:
         _stop(self.process, [])
 
 
+def proxy_settings(upstream_port: int, port: int, metrics_dir: Path) -> dict[str, str]:
+    """The proxy's configuration in every measurement: the 20-entry map, one worker, JSON logs,
+    metrics."""
+    return {
+        "UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}",
+        "MODEL_MAP": json.dumps(payloads.MODEL_MAP),
+        "WORKERS": "1",
+        "LISTEN_HOST": "127.0.0.1",
+        "LISTEN_PORT": str(port),
+        "LOG_FORMAT": "json",
+        "LOG_LEVEL": "info",
+        "SHUTDOWN_GRACE": "0",
+        "SHUTDOWN_TIMEOUT": "2",
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
+    }
+
+
 class Proxy:
     """The proxy under test: one worker, a realistic configuration, its logs to a file."""
 
@@ -136,23 +153,10 @@ class Proxy:
         self.port = free_port()
         self.logs = (workdir / f"{name}.stdout.log", workdir / f"{name}.stderr.log")
         env = {
-            key: os.environ[key] for key in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR") if key in os.environ
+            **proc.inherited_env(),
+            **proxy_settings(upstream_port, self.port, workdir / f"{name}.metrics"),
+            **settings,
         }
-        env.update(
-            {
-                "UPSTREAM_URL": f"http://127.0.0.1:{upstream_port}",
-                "MODEL_MAP": json.dumps(payloads.MODEL_MAP),
-                "WORKERS": "1",
-                "LISTEN_HOST": "127.0.0.1",
-                "LISTEN_PORT": str(self.port),
-                "LOG_FORMAT": "json",
-                "LOG_LEVEL": "info",
-                "SHUTDOWN_GRACE": "0",
-                "SHUTDOWN_TIMEOUT": "2",
-                "PROMETHEUS_MULTIPROC_DIR": str(workdir / f"{name}.metrics"),
-                **settings,
-            }
-        )
         self.settings = {key: value for key, value in env.items() if key not in ("PATH", "HOME")}
         command = shutil.which("openai-model-rerouter", path=str(Path(PYTHON).parent))
         argv = [command] if command and source is None else [PYTHON, "-m", "service"]
