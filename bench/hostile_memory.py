@@ -15,8 +15,6 @@ import asyncio
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,29 +27,18 @@ from pathlib import Path
 import httpx
 from aiohttp import web
 
+from bench import proc
+from bench.run import free_port, stop_process, wait_http
+
 ROOT = Path(__file__).resolve().parent.parent
 IDS = 100
 ID_BYTES = 100_000
 EVENT_MIB = 64
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _status_kb(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
-
-
 def _worker(main: int) -> int:
     """The Sanic worker: the largest child of the main process."""
-    children = Path(f"/proc/{main}/task/{main}/children").read_text().split()
-    return max((int(pid) for pid in children), key=lambda pid: _status_kb(pid, "VmRSS"))
+    return max(proc.children(main), key=proc.rss_kib)
 
 
 def _mib(size: float) -> float:
@@ -61,7 +48,7 @@ def _mib(size: float) -> float:
 @contextmanager
 def _proxy(source: Path, **env: str) -> Iterator[tuple[str, int, Path]]:
     """(url, worker pid, metrics directory) of a proxy started from ``source``."""
-    port = _free_port()
+    port = free_port()
     metrics_dir = Path(tempfile.mkdtemp(prefix="hostile-metrics-"))
     settings = {"LISTEN_HOST": "127.0.0.1", "LISTEN_PORT": str(port), "SHUTDOWN_GRACE": "0"}
     full = {**os.environ, **settings, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **env}
@@ -71,18 +58,11 @@ def _proxy(source: Path, **env: str) -> Iterator[tuple[str, int, Path]]:
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    time.sleep(0.1)
+            wait_http(f"{url}/healthz", 60, lambda: process.poll() is None)
             time.sleep(1.5)  # the worker settles
             yield url, _worker(process.pid), metrics_dir
         finally:
-            process.send_signal(signal.SIGTERM)
-            process.wait(30)
+            stop_process(process, [])
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
@@ -119,7 +99,7 @@ def _upstream() -> str:
 
 def long_ids(source: Path) -> dict[str, object]:
     with _proxy(source, UPSTREAM_URL=_upstream(), MODEL_MAP="{}") as (url, worker, metrics_dir):
-        before = _status_kb(worker, "VmRSS")
+        before = proc.rss_kib(worker)
         statuses: dict[int, int] = {}
         header = 0
         with httpx.Client(timeout=60) as client:
@@ -135,7 +115,7 @@ def long_ids(source: Path) -> dict[str, object]:
             "attack": f"{IDS} requests, distinct {ID_BYTES // 1000} KB model ids",
             "statuses": statuses,
             "worker_rss_mib_before": _mib(before * 1024),
-            "worker_rss_mib_after": _mib(_status_kb(worker, "VmRSS") * 1024),
+            "worker_rss_mib_after": _mib(proc.rss_kib(worker) * 1024),
             "metrics_dir_mib": _mib(sum(f.stat().st_size for f in metrics_dir.rglob("*") if f.is_file())),
             "metrics_status": page.status_code,
             "metrics_page_mib": _mib(len(page.content)),
@@ -146,7 +126,7 @@ def long_ids(source: Path) -> dict[str, object]:
 def huge_event(source: Path) -> dict[str, object]:
     env = {"MODEL_MAP": '{"gpt-4o": "m"}', "DISABLE_THINKING": "true", "RESPONSE_MODEL": "requested"}
     with _proxy(source, UPSTREAM_URL=_upstream(), **env) as (url, worker, _):
-        before = _status_kb(worker, "VmRSS")
+        before = proc.rss_kib(worker)
         started = time.monotonic()
         relayed = 0
         body = {"model": "gpt-4o", "messages": [], "stream": True}
@@ -159,7 +139,7 @@ def huge_event(source: Path) -> dict[str, object]:
             "relayed_mib": _mib(relayed),
             "seconds": round(time.monotonic() - started, 1),
             "worker_rss_mib_before": _mib(before * 1024),
-            "worker_peak_rss_mib": _mib(_status_kb(worker, "VmHWM") * 1024),
+            "worker_peak_rss_mib": _mib(proc.rss_kib(worker, "VmHWM") * 1024),
         }
 
 

@@ -79,7 +79,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_http(url: str, timeout: float, alive: Any) -> None:
+def wait_http(url: str, timeout: float, alive: Any) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not alive():
@@ -91,7 +91,7 @@ def _wait_http(url: str, timeout: float, alive: Any) -> None:
     raise RuntimeError(f"{url} did not answer within {timeout:g} s")
 
 
-def _stop(process: subprocess.Popen[bytes], extra_pids: list[int], sig: int = signal.SIGTERM) -> None:
+def stop_process(process: subprocess.Popen[bytes], extra_pids: list[int], sig: int = signal.SIGTERM) -> None:
     """Stop a process we started, then any of its children still there (by their pids)."""
     if process.poll() is None:
         process.send_signal(sig)
@@ -117,13 +117,13 @@ class PyServer:
         )
         line = self.process.stdout.readline().decode()  # type: ignore[union-attr]
         if not line.startswith("listening "):
-            _stop(self.process, [])
+            stop_process(self.process, [])
             raise RuntimeError(f"{module} did not start: {line!r}")
         self.port = int(line.split()[1])
         self.pid = self.process.pid
 
     def stop(self) -> None:
-        _stop(self.process, [])
+        stop_process(self.process, [])
 
 
 def proxy_settings(upstream_port: int, port: int, metrics_dir: Path) -> dict[str, str]:
@@ -171,7 +171,7 @@ class Proxy:
             stderr=open(self.logs[1], "wb"),  # noqa: SIM115
         )
         try:
-            _wait_http(f"http://127.0.0.1:{self.port}/healthz", 120, lambda: self.process.poll() is None)
+            wait_http(f"http://127.0.0.1:{self.port}/healthz", 120, lambda: self.process.poll() is None)
             self.worker = self._find_worker()
         except Exception:
             self.stop()
@@ -207,7 +207,7 @@ class Proxy:
         return counts
 
     def stop(self) -> None:
-        _stop(self.process, proc.descendants(self.process.pid))
+        stop_process(self.process, proc.descendants(self.process.pid))
 
 
 @dataclass
@@ -597,7 +597,7 @@ def start_litellm(workdir: Path, name: str, upstream_port: int) -> peers.LiteLLM
     deadline = time.monotonic() + 240
     while not peer.ready():
         if peer.process.poll() is not None or time.monotonic() > deadline:
-            _stop(peer.process, peer.pids())
+            stop_process(peer.process, peer.pids())
             raise RuntimeError(f"LiteLLM did not start: {peer.log_tail()}")
         time.sleep(1)
     return peer
@@ -617,7 +617,7 @@ def peer_nonstream(
         notes.append(f"LiteLLM (non-streaming) failed: {str(exc)[-300:]}")
         return {}
     finally:
-        _stop(peer.process, peer.pids())
+        stop_process(peer.process, peer.pids())
 
 
 def peer_streams(workdir: Path, upstream: PyServer, profile: Profile, notes: list[str]) -> dict[str, Any]:
@@ -629,7 +629,7 @@ def peer_streams(workdir: Path, upstream: PyServer, profile: Profile, notes: lis
     try:
         return {"litellm": bench_peer_streams(profile, peer.url, peer.pids(), upstream.pid)}
     finally:
-        _stop(peer.process, peer.pids())
+        stop_process(peer.process, peer.pids())
 
 
 def bench_memory(profile: Profile, name: str, url: str, pids: list[int]) -> dict[str, Any]:
