@@ -92,6 +92,21 @@ class Proxy:
                 events.append(orjson.loads(line))
         return events
 
+    def request_event(self, request_id: str, timeout: float = 10) -> dict[str, Any]:
+        """The ``request`` event logged for ``request_id``, once it is written."""
+
+        def find() -> dict[str, Any]:
+            found = [
+                e
+                for e in self.log_events()
+                if e.get("event") == "request" and e.get("request_id") == request_id
+            ]
+            assert found, f"no request event for {request_id} yet"
+            return found[0]
+
+        event: dict[str, Any] = eventually(find, timeout)
+        return event
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

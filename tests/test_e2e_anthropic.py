@@ -112,16 +112,7 @@ def test_stream_left_after_message_stop_is_completed(messages_proxy: Proxy) -> N
             if b"message_stop" in received and received.endswith(b"\n\n"):
                 break
 
-    def event() -> dict[str, object]:
-        found = [
-            e
-            for e in messages_proxy.log_events()
-            if e.get("request_id") == rid and e.get("event") == "request"
-        ]
-        assert found
-        return found[0]
-
-    logged = eventually(event, 10)
+    logged = messages_proxy.request_event(rid)
     assert (logged["status"], logged["outcome"], logged["endpoint"]) == (200, "completed", "messages")
 
 

@@ -19,7 +19,7 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import Proxy, StartProxy, eventually, scrape, total
+from tests.conftest import Proxy, StartProxy, scrape, total
 from tests.fake_upstream import FakeUpstream
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -36,18 +36,6 @@ def clients_proxy(start_proxy: StartProxy) -> Proxy:
 
 def request_id(name: str) -> str:
     return f"{name}-{os.urandom(4).hex()}"
-
-
-def logged(proxy: Proxy, rid: str) -> dict[str, Any]:
-    """The proxy's log event for the request ``rid``, once it is written."""
-
-    def find() -> dict[str, Any]:
-        events = [e for e in proxy.log_events() if e.get("event") == "request" and e.get("request_id") == rid]
-        assert events, f"no request event for {rid} yet"
-        return events[0]
-
-    result: dict[str, Any] = eventually(find, 10)
-    return result
 
 
 def raw_post(path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> bytes:
@@ -106,7 +94,7 @@ def test_sync_sdk_stream_read_to_done_is_completed(clients_proxy: Proxy) -> None
     )
     text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == "reply from linger-1500"
-    event = logged(clients_proxy, rid)
+    event = clients_proxy.request_event(rid)
     assert (event["status"], event["outcome"]) == (200, "completed")
     assert total(scrape(clients_proxy), "rerouter_requests_total", status_code="499") == before_499
     assert (
@@ -128,7 +116,7 @@ def test_async_sdk_stream_read_to_done_is_completed(clients_proxy: Proxy) -> Non
         return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
 
     assert asyncio.run(run()) == "reply from linger-300"
-    event = logged(clients_proxy, rid)
+    event = clients_proxy.request_event(rid)
     assert (event["status"], event["outcome"]) == (200, "completed")
 
 
@@ -146,7 +134,7 @@ def test_raw_client_leaving_is_completed_only_after_the_final_event(
             piece = sock.recv(65536)
             assert piece, "the proxy closed the stream"
             received += piece
-    event = logged(clients_proxy, rid)
+    event = clients_proxy.request_event(rid)
     expected = (200, "completed") if read_to_done else (499, "client_disconnected")
     assert (event["status"], event["outcome"]) == expected
 
@@ -176,7 +164,7 @@ def test_a_stream_the_proxy_cuts_at_shutdown_is_not_a_client_disconnect(start_pr
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(timeout=20) == 0
     reader.join(5)
-    event = logged(proxy, rid)
+    event = proxy.request_event(rid)
     assert (event["status"], event["outcome"]) == (200, "proxy_cut")
 
 
