@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import unquote
 
@@ -154,11 +155,13 @@ def _tag(response: HTTPResponse, exchange: Exchange) -> HTTPResponse:
     return response
 
 
-async def proxy(request: Request, path: str) -> HTTPResponse | None:
-    return await observed(request, endpoint_of(request.path), _forward)
+def proxy(request: Request, path: str) -> Coroutine[Any, Any, HTTPResponse | None]:
+    """Plain functions that hand on a coroutine (here, ``_forward`` and ``dispatch``) leave no
+    frame behind to hold for the whole of a stream: one idle stream costs a few KiB less."""
+    return observed(request, endpoint_of(request.path), _forward)
 
 
-async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
+def _forward(request: Request, exchange: Exchange) -> Coroutine[Any, Any, HTTPResponse | None]:
     settings = exchange.settings
     content_type = _one_content_type(request)
 
@@ -177,7 +180,7 @@ async def _forward(request: Request, exchange: Exchange) -> HTTPResponse | None:
     exchange.resolution = first.resolution
     exchange.stream = first.stream
     exchange.hide_usage = first.usage_added
-    return await dispatch(request, exchange, first.body, lambda choice: body_for(choice).body)
+    return dispatch(request, exchange, first.body, lambda choice: body_for(choice).body)
 
 
 def _one_content_type(request: Request) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import structlog
 from sanic import Request
@@ -20,15 +21,28 @@ log = structlog.get_logger("rerouter")
 RETRYABLE = frozenset({"connect", "timeout", "disconnected"})
 
 
-async def dispatch(
+def dispatch(
     request: Request, exchange: Exchange, body: bytes, body_for: Callable[[int], bytes]
-) -> HTTPResponse | None:
+) -> Coroutine[Any, Any, HTTPResponse | None]:
     """Try the resolution's targets in order, each up to 1 + RETRIES times, moving on only while
-    nothing has reached the client: after the first byte an answer is the client's, good or bad."""
-    settings = exchange.settings
+    nothing has reached the client: after the first byte an answer is the client's, good or bad.
+
+    With nothing to fall back on, the one attempt is all there is: no bookkeeping, and no frame
+    of this function (nor ``body_for``) kept while a stream lasts."""
     targets = exchange.resolution.targets if exchange.resolution else (Target(""),)
-    if len(targets) == 1 and not settings.retries:  # nothing to fall back on: no bookkeeping
-        return await _attempt(request, exchange, targets[0], body, set(), last=True)
+    if len(targets) == 1 and not exchange.settings.retries:
+        return _attempt(request, exchange, targets[0], body, None, last=True)
+    return _fall_back(request, exchange, targets, body, body_for)
+
+
+async def _fall_back(
+    request: Request,
+    exchange: Exchange,
+    targets: tuple[Target, ...],
+    body: bytes,
+    body_for: Callable[[int], bytes],
+) -> HTTPResponse | None:
+    settings = exchange.settings
     plan = [(choice, target) for choice, target in enumerate(targets) for _ in range(settings.retries + 1)]
     tried: set[str] = set()
     retry = 0
@@ -66,16 +80,18 @@ async def dispatch(
 
 
 async def _attempt(
-    request: Request, exchange: Exchange, target: Target, body: bytes, tried: set[str], *, last: bool
+    request: Request, exchange: Exchange, target: Target, body: bytes, tried: set[str] | None, *, last: bool
 ) -> HTTPResponse | None:
     """One try on one replica of the target's backend; its in-flight count covers the whole
-    answer, streams included, and a failure of the replica itself starts its cool-down."""
+    answer, streams included, and a failure of the replica itself starts its cool-down.
+    ``tried``: the replicas tried before, this one added (None: no other attempt follows)."""
     settings = exchange.settings
     backend = settings.backends[target.upstream]
     replicas = exchange.replicas[target.upstream]
-    url = replicas.pick(tried) or replicas.pick()
+    url = replicas.pick(tried or ()) or replicas.pick()
     assert url is not None  # pick() without exclusions always has a URL
-    tried.add(url)
+    if tried is not None:
+        tried.add(url)
     exchange.target, exchange.backend = target, backend.name
     think = "keep"
     if request.method == "POST" and exchange.endpoint in payload.COMPLETION_ENDPOINTS:
@@ -83,9 +99,11 @@ async def _attempt(
     source = exchange.resolution.source if exchange.resolution else None
     rename = source if settings.response_model == "requested" and source != target.model else None
     healthy: bool | None = None  # unknown: the client left, or its request was refused here
+    relayed = relay(request, exchange, backend, url, body, think, rename, last=last)
+    del body  # the relay's now, which lets go of it once sent: a stream would hold it throughout
     replicas.start(url)
     try:
-        response = await relay(request, exchange, backend, url, body, think, rename, last=last)
+        response = await relayed
         failed = exchange.status >= 500 or exchange.status == 429 or exchange.outcome == "upstream_error"
         healthy = not failed
         return response

@@ -231,6 +231,9 @@ def _rewrite_json(
     )
     # A key named twice: the upstream gets what the proxy read, not a parse of its own.
     forwarded = dumps(body) if changed or added or may_repeat_keys(raw, body) else raw
+    if stream and forwarded is not raw:
+        # orjson's bytes keep its whole 4 KiB buffer, and a stream holds its body while it lasts.
+        forwarded = bytes(memoryview(forwarded))
     return Rewritten(forwarded, resolution, stream, added)
 
 

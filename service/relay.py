@@ -113,18 +113,28 @@ async def relay(
     other than ``keep`` rewrites think blocks in a successful completion answer, and ``rename``
     names the model the client asked for in it; both need it unencoded. Otherwise the answer's
     bytes are relayed untouched. Unless ``last``, a 5xx or 429 is not relayed but tried again.
+
+    A stream's chunks go out as they arrive, through its filters, each seen by the usage meter
+    as it came. An upstream failure mid-way closes the client's connection without the final
+    chunk, so the client sees a broken stream rather than a clean end. Usage is taken however
+    the stream ended: the sync openai SDK leaves right after ``[DONE]``, the usage chunk
+    already relayed. An event stream that sent the client nothing for STREAM_KEEPALIVE_SECONDS
+    (think text withheld, a slow first token) gets an SSE comment, only ever between events, so
+    idle timeouts in front (ingress-nginx: 60 s) do not cut it.
     """
     settings = exchange.settings
     rewrite = think != "keep" or rename is not None or exchange.hide_usage
-    exchange.to_upstream()
-    async with upstream.call(
+    sending = upstream.call(
         request.app.ctx.session,
         request.method,
         upstream_url(request, url),
         data=body or None,
         headers=headers_up(request, exchange, backend, identity=rewrite),
         limits=upstream.limits(settings, backend, whole=not exchange.stream),
-    ) as answer:
+    )
+    del body  # aiohttp's until sent: a stream holding the request's body for its whole life
+    exchange.to_upstream()
+    async with sending as answer:
         if not last and (answer.status >= 500 or answer.status == 429):
             raise TryNext(f"http_{answer.status}" if answer.status == 429 else "http_5xx")
         note_status(exchange, answer.status)
@@ -161,7 +171,54 @@ async def relay(
             else None
         )
         meter = usage.StreamMeter() if answer.status == 200 and counted else None
-        await _stream(request, exchange, answer, headers, gap, stream, meter)
+        # Relayed here rather than in a function of its own: each frame a stream awaits through
+        # stays alive while it lasts, a few hundred bytes.
+        head, keepalive = _stream_head(exchange, answer, headers)
+        with upstream.BodyReader(answer, gap, keepalive) as reader:
+            chunk = await reader.read()  # before any byte is sent, a failure still gets its status
+            exchange.outcome = "started"
+            response = await request.respond(head)
+            opened = commented = False  # headers sent before any content / a comment sent
+            try:
+                while chunk != b"":
+                    if chunk is None:
+                        if sse.at_boundary(exchange.sent_last):
+                            await response.send(sse.KEEPALIVE)
+                            commented = True
+                        chunk = await reader.read()
+                        continue
+                    if meter is not None:
+                        meter.feed(chunk)
+                    if data := (chunk if stream is None else stream.feed(chunk)):
+                        if exchange.first_byte is None:
+                            exchange.first_byte = time.perf_counter()
+                            if commented and data.startswith(sse.BOM):  # a BOM counts only at the start
+                                data = data[len(sse.BOM) :]
+                        await response.send(data)
+                        exchange.sent_before, exchange.sent_last = exchange.sent_last, data
+                        reader.relayed = True
+                    elif not opened and exchange.first_byte is None:
+                        await response.send(b"", end_stream=False)  # the headers at once, text withheld
+                        opened = True
+                    chunk = await reader.read()
+                if stream is not None and (tail := stream.close()):
+                    await response.send(tail)
+                    exchange.sent_before, exchange.sent_last = exchange.sent_last, tail
+            except upstream.FAILURES as exc:
+                exchange.outcome = "upstream_error"
+                exchange.upstream_error = upstream.failure(exc).reason
+                log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
+                if request.transport is not None:
+                    request.transport.close()
+                return None
+            finally:
+                if stream is not None:
+                    exchange.think_blocks = stream.stripped
+                if meter is not None:
+                    exchange.usage = found = meter.usage()
+                    exchange.per_token = meter.per_token(found) if found is not None else None
+        await response.eof()
+        exchange.outcome = "completed"
         return None
 
 
@@ -198,78 +255,22 @@ def note_status(exchange: Exchange, status: int) -> None:
         exchange.upstream_error = f"http_{status // 100}xx"
 
 
-async def _stream(
-    request: Request,
-    exchange: Exchange,
-    answer: aiohttp.ClientResponse,
-    headers: list[tuple[str, str]],
-    gap: float,
-    think: StreamFilter | None,
-    meter: usage.StreamMeter | None = None,
-) -> None:
-    """Relay chunks as they arrive (through ``think`` when given, each seen by ``meter`` as it
-    came). An upstream failure mid-way closes the client's connection without the final chunk,
-    so the client sees a broken stream rather than a clean end. Usage is taken however the
-    stream ended: the sync openai SDK leaves right after ``[DONE]``, the usage chunk already
-    relayed.
-
-    An event stream that sent the client nothing for STREAM_KEEPALIVE_SECONDS (think text
-    withheld, a slow first token) gets an SSE comment, only ever between events, so idle
-    timeouts in front (ingress-nginx: 60 s) do not cut it."""
-    own: Header = Header(headers)
+def _stream_head(
+    exchange: Exchange, answer: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+) -> tuple[Relayed, float]:
+    """The stream's response, not sent yet, and its keep-alive interval (0: none)."""
+    head = Relayed(status=answer.status, headers=headers)
+    own: Header = head.headers
     exchange.stamp(own)
     own.add("server-timing", exchange.stream_timing())
     event_stream = answer.content_type == "text/event-stream"
     if event_stream:
         own["x-accel-buffering"] = "no"
-    keepalive = exchange.settings.stream_keepalive_seconds if event_stream else 0
     protocol = answer.connection.protocol if answer.connection is not None else None
     if protocol is not None:
         # The BodyReader bounds each read by the gap from here on; aiohttp's own read timer
-        # would be cancelled and made again for every chunk (~4 µs an event).
+        # would be cancelled and made again for every chunk (~4 µs an event). start_timeout()
+        # with no timeout set also drops the timer left from reading the head.
         protocol.read_timeout = None
-    with upstream.BodyReader(answer, gap, keepalive) as body:
-        chunk = await body.read()  # before any byte is sent, a failure still gets its status
-        exchange.outcome = "started"
-        response = await request.respond(Relayed(status=answer.status, headers=own))
-        opened = commented = False  # headers sent before any content / a comment sent
-        try:
-            while chunk != b"":
-                if chunk is None:
-                    if sse.at_boundary(exchange.sent_last):
-                        await response.send(sse.KEEPALIVE)
-                        commented = True
-                    chunk = await body.read()
-                    continue
-                if meter is not None:
-                    meter.feed(chunk)
-                if data := (chunk if think is None else think.feed(chunk)):
-                    if exchange.first_byte is None:
-                        exchange.first_byte = time.perf_counter()
-                        if commented and data.startswith(sse.BOM):  # a BOM counts only at the start
-                            data = data[len(sse.BOM) :]
-                    await response.send(data)
-                    exchange.sent_before, exchange.sent_last = exchange.sent_last, data
-                    body.relayed = True
-                elif not opened and exchange.first_byte is None:
-                    await response.send(b"", end_stream=False)  # the headers at once, text withheld
-                    opened = True
-                chunk = await body.read()
-            if think is not None and (tail := think.close()):
-                await response.send(tail)
-                exchange.sent_before, exchange.sent_last = exchange.sent_last, tail
-        except upstream.FAILURES as exc:
-            exchange.outcome = "upstream_error"
-            exchange.upstream_error = upstream.failure(exc).reason
-            log.warning("upstream failed mid-stream", reason=exchange.upstream_error)
-            if request.transport is not None:
-                request.transport.close()
-            return
-        finally:
-            if think is not None:
-                exchange.think_blocks = think.stripped
-            if meter is not None:
-                exchange.usage = found = meter.usage()
-                exchange.per_token = meter.per_token(found) if found is not None else None
-    await response.eof()
-    exchange.outcome = "completed"
+        protocol.start_timeout()
+    return head, exchange.settings.stream_keepalive_seconds if event_stream else 0

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from typing import Any, NamedTuple
 
 import orjson
@@ -112,18 +111,21 @@ class StreamMeter:
     """What a relayed stream tells about tokens and their pace, one cheap call per chunk.
 
     Keeps the stream's last few chunks (references, no copies) to find the usage chunk in at the
-    end, and when chunks that carry text arrived, for the time per output token.
+    end, and when chunks that carry text arrived, for the time per output token. The chunks are
+    a ring of four slots: a deque takes 600 bytes more, for every open stream.
     """
 
-    __slots__ = ("_tail", "first", "last")
+    __slots__ = ("_fed", "_tail", "first", "last")
 
     def __init__(self) -> None:
-        self._tail: deque[bytes] = deque(maxlen=_TAIL_CHUNKS)
+        self._tail: list[bytes] = [b""] * _TAIL_CHUNKS
+        self._fed = 0
         self.first: float | None = None
         self.last: float | None = None
 
     def feed(self, chunk: bytes) -> None:
-        self._tail.append(chunk)
+        self._tail[self._fed % _TAIL_CHUNKS] = chunk
+        self._fed += 1
         # Text travels in "delta" (chat, Responses) or "text" (completions); the usage chunk has neither.
         if b'"delta"' in chunk or b'"text"' in chunk:
             self.last = time.perf_counter()
@@ -131,7 +133,8 @@ class StreamMeter:
                 self.first = self.last
 
     def usage(self) -> Usage | None:
-        return find(b"".join(self._tail))
+        at = self._fed % _TAIL_CHUNKS
+        return find(b"".join(self._tail[at:] + self._tail[:at]))
 
     def per_token(self, usage: Usage) -> float | None:
         """(last content event - first content event) / (completion tokens - 1), as vLLM's TPOT."""

@@ -151,6 +151,18 @@ def test_meter_keeps_only_the_last_chunks() -> None:
     assert len(meter._tail) <= 4
 
 
+@pytest.mark.parametrize("before", range(6))
+def test_meter_joins_its_last_chunks_in_order(before: int) -> None:
+    """A usage chunk split over the last reads is found wherever the ring of chunks wraps."""
+    meter = StreamMeter()
+    for _ in range(before):
+        meter.feed(stream(delta("x"), done=False))
+    last = stream(USAGE_CHUNK)
+    for piece in (last[:30], last[30:60], last[60:]):
+        meter.feed(piece)
+    assert meter.usage() == Usage(4, 2)
+
+
 def test_time_per_output_token() -> None:
     meter = StreamMeter()
     meter.first, meter.last = 10.0, 10.9
