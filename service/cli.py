@@ -104,7 +104,9 @@ def _worker_app(settings: Settings, sources: Sources, main_pid: int) -> Sanic:
     lifecycle.guard_worker(main_pid)
     from service.app import create_app  # imported only now: it loads prometheus_client
 
-    return create_app(settings, sources)
+    app = create_app(settings, sources)
+    app.after_server_start(lifecycle.tune_collector)
+    return app
 
 
 def serve(settings: Settings, argv: Sequence[str], sock: socket.socket, guard: lifecycle.MainGuard) -> None:

@@ -3,7 +3,9 @@ in bounded time, workers die with their main process, and Ctrl-C says what it do
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
 import re
 import signal
@@ -193,3 +195,25 @@ def test_ctrl_c_says_it_drains_and_a_second_one_stops_at_once(start_proxy: Start
 
     eventually(tree_gone, 10)
     assert "stopping at once" in proxy.log_path.read_text()
+
+
+def test_a_worker_sets_the_garbage_collector_for_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Full collections would otherwise walk the worker's ~50,000 start-up objects, and young
+    ones come every 700 allocations, each pause stalling every stream of the worker."""
+    from service import cli, lifecycle
+    from service.config import load_settings
+    from service.reload import Sources
+
+    monkeypatch.setattr(lifecycle, "guard_worker", lambda main_pid: None)  # not a real worker
+    settings = load_settings({"UPSTREAM_URL": "http://127.0.0.1:9"}, [])
+    app = cli._worker_app(settings, Sources({}, ()), os.getpid())
+    on_start = [future.listener for future in app._future_listeners if future.event == "after_server_start"]
+    assert lifecycle.tune_collector in on_start
+    frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+    try:
+        asyncio.run(lifecycle.tune_collector(app))
+        assert gc.get_freeze_count() > frozen
+        assert gc.get_threshold() == (lifecycle.GC_YOUNG_THRESHOLD, *threshold[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
