@@ -232,4 +232,4 @@ class Exchange:
             fields["outcome"] = self.outcome
         if self.upstream_error:
             fields["upstream_error"] = self.upstream_error
-        log.info("request", **fields)
+        logs.request_event(fields)

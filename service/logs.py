@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import MutableMapping
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, BinaryIO, NamedTuple
 
 import orjson
 import structlog
@@ -97,21 +97,66 @@ class _Timestamp:
         self._prefix = ""
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        event["timestamp"] = self.now()
+        return event
+
+    def now(self) -> str:
         second, micro = divmod(time.time_ns() // 1000, 1_000_000)
         if second != self._second:
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        event["timestamp"] = f"{self._prefix}.{micro:06d}Z"
-        return event
+        return f"{self._prefix}.{micro:06d}Z"
+
+
+class _Direct(NamedTuple):
+    """What ``request_event`` needs to write as structlog would: the processors configured (to
+    tell that they are still the ones in force), their renderer, the stream, the timestamp."""
+
+    processors: list[structlog.typing.Processor]
+    renderer: structlog.typing.Processor
+    stream: BinaryIO
+    timestamp: _Timestamp
+
+
+_direct: _Direct | None = None
+_level = logging.NOTSET
+
+
+def request_event(fields: dict[str, Any]) -> None:
+    """The one event per request, ``fields`` then ``"event": "request"``: the line ``log.info``
+    writes, byte for byte, without structlog's generic path (a bound logger, a copy of the
+    context, a call per processor, a lock), which cost a third of the event. Written that way
+    only with the JSON format at level info or below, and while the processors configured are
+    in force: anything else (the console format, structlog's ``capture_logs``) goes through
+    structlog. Above level info, nothing is written, as structlog's filtering would."""
+    if _level > logging.INFO:
+        return
+    direct = _direct
+    if (
+        direct is None
+        or structlog.get_config()["processors"] is not direct.processors
+        or direct.processors[-1] is not direct.renderer
+    ):
+        structlog.get_logger("rerouter").info("request", **fields)
+        return
+    fields["event"] = "request"
+    _add_request_id(None, "info", fields)
+    fields["level"] = "info"
+    fields["timestamp"] = direct.timestamp.now()
+    direct.stream.write(direct.renderer(None, "info", fields) + b"\n")
+    direct.stream.flush()
 
 
 def configure(log_format: str, log_level: str) -> None:
+    global _direct, _level
+    timestamp = _Timestamp()
     processors: list[structlog.typing.Processor] = [
         _add_request_id,
         structlog.processors.add_log_level,
-        _Timestamp(),
+        timestamp,
         structlog.processors.format_exc_info,
     ]
+    _level = level = logging.getLevelName(log_level.upper())
     if log_format == "console":
         processors.append(_escape_fields)
         renderer: structlog.typing.Processor = structlog.dev.ConsoleRenderer(colors=False)
@@ -119,9 +164,12 @@ def configure(log_format: str, log_level: str) -> None:
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_json)
         logger_factory = structlog.BytesLoggerFactory(sys.stdout.buffer)
+    processors.append(renderer)
     structlog.configure(
-        processors=[*processors, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(log_level.upper())),
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=logger_factory,
         cache_logger_on_first_use=True,
     )
+    direct = log_format != "console" and level <= logging.INFO
+    _direct = _Direct(processors, renderer, sys.stdout.buffer, timestamp) if direct else None

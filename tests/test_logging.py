@@ -292,6 +292,54 @@ def test_json_writes_an_event_with_a_lone_surrogate_escaped(capsys: pytest.Captu
     assert "\\ud800" in event["source_model"]
 
 
+EVENT_FIELDS = {
+    "endpoint": "chat/completions",
+    "source_model": HOSTILE,
+    "target_model": "qwen3-4b",
+    "upstream": "default",
+    "rule": None,
+    "stream": True,
+    "status": 200,
+    "duration_ms": 12.34,
+    "outcome": "completed",
+}
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_the_request_event_is_the_line_structlog_writes(capsys: pytest.CaptureFixture[str]) -> None:
+    """``request_event`` skips structlog's generic path; the line is the same, byte for byte
+    (the timestamp aside), a field that orjson refuses included."""
+    logs.configure("json", "info")
+    logs.bind_request("r-1")
+    logs.request_event(dict(EVENT_FIELDS))
+    structlog.get_logger("rerouter").info("request", **EVENT_FIELDS)
+    direct, generic = (
+        re.sub(r'"timestamp":"[^"]*"', '"timestamp":"T"', line)
+        for line in capsys.readouterr().out.removesuffix("\n").split("\n")
+        if line.startswith("{")
+    )
+    assert direct == generic
+    assert orjson.loads(direct)["request_id"] == "r-1"
+
+
+@pytest.mark.usefixtures("restore_structlog")
+def test_the_request_event_takes_structlogs_path_otherwise(capsys: pytest.CaptureFixture[str]) -> None:
+    logs.configure("json", "info")
+    with capture_logs() as captured:
+        logs.request_event({"status": 200})
+    assert captured == [{"status": 200, "event": "request", "log_level": "info"}]
+    assert capsys.readouterr().out == ""
+    logs.configure("json", "warning")
+    logs.request_event({"status": 200})
+    assert capsys.readouterr().out == ""
+    logs.configure("console", "info")
+    logs.request_event({"status": 200})
+    out = capsys.readouterr().out
+    assert "request" in out
+    assert "status=200" in out
+    assert not out.startswith("{")
+
+
 def test_bounded_cuts_long_ids_and_marks_them() -> None:
     assert logs.bounded(None, 8) is None
     assert logs.bounded("short", 8) == "short"
