@@ -121,13 +121,19 @@ class Proxy:
 SANIC_ACK_SETTLE = 0.5
 
 
+class PortTaken(RuntimeError):
+    """The proxy could not listen: its port was taken meanwhile."""
+
+
 def wait_until_healthy(url: str, process: subprocess.Popen[bytes], log_path: Path, workers: int) -> None:
     """Healthy, every worker reported ready, and a moment more for Sanic's main process to see
     the workers' start-up acknowledgements (a stop before that is safe too: test_lifecycle)."""
     deadline = time.monotonic() + 90  # a busy 2-core machine takes half a minute to start 2 workers
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"proxy exited with {process.returncode}:\n{log_path.read_text()}")
+            log = log_path.read_text()
+            taken = "Address already in use" in log
+            raise (PortTaken if taken else RuntimeError)(f"proxy exited with {process.returncode}:\n{log}")
         try:
             healthy = httpx.get(f"{url}/healthz", timeout=1).status_code == 200
         except httpx.HTTPError:
@@ -167,7 +173,17 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
     started: list[Proxy] = []
 
     def start(**env: str | None) -> Proxy:
-        port = free_port()
+        """A port found free can be taken before the proxy binds it (by another test's
+        connection): then it starts again on another, unless the test chose the port."""
+        for _ in range(3):
+            try:
+                return start_on(free_port(), env)
+            except PortTaken:
+                if "LISTEN_PORT" in env:
+                    raise
+        return start_on(free_port(), env)
+
+    def start_on(port: int, env: dict[str, str | None]) -> Proxy:
         log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
         settings: dict[str, str | None] = {
             "UPSTREAM_URL": upstream.url,
