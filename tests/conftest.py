@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -171,6 +172,7 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
     Pass ``UPSTREAM_URL``/``MODEL_MAP`` to override; ``None`` removes a variable.
     """
     started: list[Proxy] = []
+    folders = threading.Lock()
 
     def start(**env: str | None) -> Proxy:
         """A port found free can be taken before the proxy binds it (by another test's
@@ -184,7 +186,8 @@ def start_proxy(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory
         return start_on(free_port(), env)
 
     def start_on(port: int, env: dict[str, str | None]) -> Proxy:
-        log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
+        with folders:  # side_by_side starts proxies from threads; mktemp numbers folders racily
+            log_path = tmp_path_factory.mktemp("proxy") / "proxy.log"
         settings: dict[str, str | None] = {
             "UPSTREAM_URL": upstream.url,
             "MODEL_MAP": orjson.dumps(DEFAULT_MAP).decode(),
