@@ -20,7 +20,7 @@ import aiohttp
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
-from service.lifecycle import tune_collector
+from service.lifecycle import tune_collector_once_serving
 from service.response import Response
 
 
@@ -34,7 +34,7 @@ def create_app(upstream: str) -> Sanic:
             connector=aiohttp.TCPConnector(limit=0), auto_decompress=False
         )
 
-    app.after_server_start(tune_collector)
+    app.after_server_start(tune_collector_once_serving)
 
     @app.post("/v1/chat/completions")
     async def forward(request: Request) -> HTTPResponse | None:

@@ -105,7 +105,7 @@ def _worker_app(settings: Settings, sources: Sources, main_pid: int) -> Sanic:
     from service.app import create_app  # imported only now: it loads prometheus_client
 
     app = create_app(settings, sources)
-    app.after_server_start(lifecycle.tune_collector)
+    app.after_server_start(lifecycle.tune_collector_once_serving)
     return app
 
 

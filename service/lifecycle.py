@@ -20,6 +20,7 @@ never acknowledge). A SIGKILLed main process leaves its workers serving. So:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import ctypes
@@ -191,8 +192,8 @@ class MainGuard:
 GC_YOUNG_THRESHOLD = 10_000
 
 
-async def tune_collector(app: Sanic) -> None:
-    """The garbage collector set for serving, once the worker serves.
+def tune_collector() -> None:
+    """The garbage collector set for serving.
 
     - Start-up objects (modules, the app and its routes, the session: ~50,000) live as long as
       the worker, yet each full collection walked them again, pausing every request and stream
@@ -207,6 +208,13 @@ async def tune_collector(app: Sanic) -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
+
+
+def tune_collector_once_serving(app: Sanic) -> None:
+    """Sanic's after_server_start: ``tune_collector`` at the loop's next turn, once the worker
+    serves. Run in the listener itself, its tens of milliseconds were a window in which a
+    SIGTERM stopped the loop before start-up completed, and the worker exited with an error."""
+    asyncio.get_running_loop().call_soon(tune_collector)
 
 
 def guard_worker(main_pid: int) -> None:

@@ -208,10 +208,16 @@ def test_a_worker_sets_the_garbage_collector_for_serving(monkeypatch: pytest.Mon
     settings = load_settings({"UPSTREAM_URL": "http://127.0.0.1:9"}, [])
     app = cli._worker_app(settings, Sources({}, ()), os.getpid())
     on_start = [future.listener for future in app._future_listeners if future.event == "after_server_start"]
-    assert lifecycle.tune_collector in on_start
+    assert lifecycle.tune_collector_once_serving in on_start
     frozen, threshold = gc.get_freeze_count(), gc.get_threshold()
+
+    async def serving() -> None:
+        lifecycle.tune_collector_once_serving(app)
+        assert gc.get_freeze_count() == frozen  # not in the listener: at the loop's next turn
+        await asyncio.sleep(0)
+
     try:
-        asyncio.run(lifecycle.tune_collector(app))
+        asyncio.run(serving())
         assert gc.get_freeze_count() > frozen
         assert gc.get_threshold() == (lifecycle.GC_YOUNG_THRESHOLD, *threshold[1:])
     finally:
