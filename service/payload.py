@@ -232,7 +232,8 @@ def _rewrite_json(
     # A key named twice: the upstream gets what the proxy read, not a parse of its own.
     forwarded = dumps(body) if changed or added or may_repeat_keys(raw, body) else raw
     if stream and forwarded is not raw:
-        # orjson's bytes keep its whole 4 KiB buffer, and a stream holds its body while it lasts.
+        # orjson's bytes keep its whole 4 KiB buffer. A stream with targets or retries to fall
+        # back on holds its body while it lasts (without, the body is let go of once sent).
         forwarded = bytes(memoryview(forwarded))
     return Rewritten(forwarded, resolution, stream, added)
 

@@ -173,7 +173,7 @@ async def relay(
         meter = usage.StreamMeter() if answer.status == 200 and counted else None
         # Relayed here rather than in a function of its own: each frame a stream awaits through
         # stays alive while it lasts, a few hundred bytes.
-        head, keepalive = _stream_head(exchange, answer, headers)
+        head, keepalive = _stream_head(exchange, answer, headers, event_stream)
         with upstream.BodyReader(answer, gap, keepalive) as reader:
             chunk = await reader.read()  # before any byte is sent, a failure still gets its status
             exchange.outcome = "started"
@@ -256,14 +256,13 @@ def note_status(exchange: Exchange, status: int) -> None:
 
 
 def _stream_head(
-    exchange: Exchange, answer: aiohttp.ClientResponse, headers: list[tuple[str, str]]
+    exchange: Exchange, answer: aiohttp.ClientResponse, headers: list[tuple[str, str]], event_stream: bool
 ) -> tuple[Relayed, float]:
     """The stream's response, not sent yet, and its keep-alive interval (0: none)."""
     head = Relayed(status=answer.status, headers=headers)
     own: Header = head.headers
     exchange.stamp(own)
     own.add("server-timing", exchange.stream_timing())
-    event_stream = answer.content_type == "text/event-stream"
     if event_stream:
         own["x-accel-buffering"] = "no"
     protocol = answer.connection.protocol if answer.connection is not None else None
