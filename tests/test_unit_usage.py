@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import orjson
 import pytest
@@ -142,12 +143,17 @@ def test_meter_finds_nothing_in_a_stream_without_usage() -> None:
 
 
 def test_meter_keeps_only_the_last_chunks() -> None:
-    """Memory per stream stays bounded however long it runs."""
+    """Memory per stream stays bounded however long it runs: an early chunk is let go of."""
     meter = StreamMeter()
+    first = stream(delta("first"), done=False)
+    unheld = sys.getrefcount(first)
+    meter.feed(first)
+    assert sys.getrefcount(first) > unheld
     for _ in range(10_000):
         meter.feed(stream(delta("x"), done=False))
     meter.feed(stream(USAGE_CHUNK))
     assert meter.usage() == Usage(4, 2)
+    assert sys.getrefcount(first) == unheld
     assert len(meter._tail) <= 4
 
 
