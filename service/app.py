@@ -60,6 +60,8 @@ def create_app(
     @app.before_server_start
     async def open_session(app: Sanic) -> None:
         app.ctx.session = upstream.new_session(settings)
+        # asyncio.get_running_loop() checks the process id: a system call on every use.
+        app.ctx.loop = asyncio.get_running_loop()
 
     if sources is not None:
 
@@ -110,12 +112,12 @@ def create_app(
     return app
 
 
-async def observed(request: Request, endpoint: str, handler: Any, *args: Any) -> HTTPResponse | None:
+async def observed(request: Request, endpoint: str | None, handler: Any, *args: Any) -> HTTPResponse | None:
     """Run a proxied handler with its bookkeeping: request id, errors, metrics, one log event."""
     exchange = Exchange.begin(request, endpoint)
     try:
         # Admission runs on the head alone: no body byte is read before it lets a request in.
-        access.check_path(request.path)
+        access.check_path(exchange.path)
         preflight = cors.preflight(request, exchange.settings.cors_allow_origins)
         if preflight is not None:  # answered before the key check: browsers send none with it
             exchange.status = preflight.status
@@ -144,7 +146,7 @@ async def observed(request: Request, endpoint: str, handler: Any, *args: Any) ->
         raise
     finally:
         # After the answer is written: Sanic sends a returned response before the loop runs this.
-        asyncio.get_running_loop().call_soon(exchange.finish, request.app.ctx.labels)
+        request.app.ctx.loop.call_soon(exchange.finish, request.app.ctx.labels)
 
 
 def _tag(response: HTTPResponse, exchange: Exchange) -> HTTPResponse:
@@ -158,7 +160,7 @@ def _tag(response: HTTPResponse, exchange: Exchange) -> HTTPResponse:
 def proxy(request: Request, path: str) -> Coroutine[Any, Any, HTTPResponse | None]:
     """Plain functions that hand on a coroutine (here, ``_forward`` and ``dispatch``) leave no
     frame behind to hold for the whole of a stream: one idle stream costs a few KiB less."""
-    return observed(request, endpoint_of(request.path), _forward)
+    return observed(request, None, _forward)
 
 
 def _forward(request: Request, exchange: Exchange) -> Coroutine[Any, Any, HTTPResponse | None]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from urllib.parse import quote
@@ -79,6 +79,19 @@ def endpoint_of(path: str) -> str:
     return head if head in _ENDPOINTS else "other"
 
 
+def _fresh_ids() -> Iterator[str]:
+    """Request ids of 16 random bytes in hex, from one ``os.urandom`` per 256 of them: a system
+    call per request costs more than the rest of making the id. Drawn lazily, in the worker that
+    serves: no two processes hold the same pool."""
+    while True:
+        pool = os.urandom(4096).hex()
+        for start in range(0, len(pool), 32):
+            yield pool[start : start + 32]
+
+
+_FRESH_IDS = _fresh_ids()
+
+
 @lru_cache(maxsize=256)
 def _header_value(model: str) -> str:
     """A model id percent-encoded for a header; remembered, since a handful of served ids
@@ -91,6 +104,7 @@ class Exchange:
     """What one request did, gathered on the way for its log event and metrics."""
 
     request_id: str
+    path: str  # decoded once: Sanic's request.path decodes it again on every use
     endpoint: str
     settings: Settings
     replicas: Mapping[str, Replicas]  # taken with the settings: a reload swaps both at once
@@ -116,13 +130,15 @@ class Exchange:
     cors: cors.Answer = None
 
     @classmethod
-    def begin(cls, request: Request, endpoint: str) -> Exchange:
+    def begin(cls, request: Request, endpoint: str | None = None) -> Exchange:
+        """``endpoint``: the metrics label, else the one of the path (``endpoint_of``)."""
+        path = request.path
         given = request.headers.get("x-request-id", "")
-        request_id = given if _REQUEST_ID.fullmatch(given) else os.urandom(16).hex()
+        request_id = given if _REQUEST_ID.fullmatch(given) else next(_FRESH_IDS)
         logs.bind_request(request_id)
         metrics.PENDING.in_flight(1)
         settings: Settings = request.app.ctx.settings
-        exchange = cls(request_id, endpoint, settings, request.app.ctx.replicas)
+        exchange = cls(request_id, path, endpoint or endpoint_of(path), settings, request.app.ctx.replicas)
         exchange.cors = cors.answer_for(settings.cors_allow_origins, request.headers.get("origin"))
         return exchange
 

@@ -74,9 +74,9 @@ class TryNext(Exception):
         self.reason = reason
 
 
-def upstream_url(request: Request, base: str, path: str | None = None) -> str:
+def upstream_url(request: Request, base: str, path: str) -> str:
     query = request.query_string
-    return base + (path or request.path) + (f"?{query}" if query else "")
+    return base + path + (f"?{query}" if query else "")
 
 
 def headers_up(request: Request, exchange: Exchange, backend: Backend, *, identity: bool = False) -> Any:
@@ -127,7 +127,7 @@ async def relay(
     sending = upstream.call(
         request.app.ctx.session,
         request.method,
-        upstream_url(request, url),
+        upstream_url(request, url, exchange.path),
         data=body or None,
         headers=headers_up(request, exchange, backend, identity=rewrite),
         limits=upstream.limits(settings, backend, whole=not exchange.stream),
@@ -149,7 +149,7 @@ async def relay(
         chat = exchange.endpoint == "chat/completions"
         json_answer = answer.content_type == "application/json"
         gap = settings.read_timeout(backend)
-        counted = usage.counted(request.method, request.path, exchange.endpoint)
+        counted = usage.counted(request.method, exchange.path, exchange.endpoint)
         if not event_stream and (
             json_answer
             or answer.content_length is not None
