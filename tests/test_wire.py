@@ -344,6 +344,26 @@ def test_every_token_character_is_still_a_header_name(proxies: dict[str, Proxy],
     assert seen.header("authorization") == f"Bearer {UPSTREAM_KEY}"
 
 
+def test_the_upstream_sees_the_clients_headers_and_nothing_aiohttp_would_add(
+    proxies: dict[str, Proxy], echo: FaultServer
+) -> None:
+    """No User-Agent, Accept, Accept-Encoding or Content-Type of the client library's own: a
+    body sent without a Content-Type reaches the upstream without one."""
+    mark = echo.mark()
+    with connect(proxies["keyed"]) as sock:
+        sock.sendall(b"POST /v1/files HTTP/1.1\r\nHost: proxy\r\n" + AUTH + b"Content-Length: 4\r\n\r\nabcd")
+        status, _, body, _ = read_answer(sock)
+    assert status == 200, body
+    seen = echo.wait_request(mark)
+    assert sorted(name.lower() for name, _ in seen.headers) == [
+        "authorization",
+        "content-length",
+        "host",
+        "x-request-id",
+    ]
+    assert seen.header("content-length") == "4"
+
+
 # --- 6. slow clients ---------------------------------------------------------------------------------
 
 
