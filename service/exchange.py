@@ -53,6 +53,11 @@ _ENDPOINTS = frozenset(
 )
 
 
+# The paths of the endpoints, one string each, shared by every request to one: a stream holds
+# its path for as long as it lasts.
+_PATHS = {path: path for path in (f"/v1/{endpoint}" for endpoint in _ENDPOINTS)}
+
+
 def why_cancelled(request: Request) -> str:
     """Who ended a request whose handler was cancelled, the way Sanic itself tells: the server
     aborts connections left at the end of GRACEFUL_SHUTDOWN_TIMEOUT (its protocol's transport is
@@ -133,6 +138,7 @@ class Exchange:
     def begin(cls, request: Request, endpoint: str | None = None) -> Exchange:
         """``endpoint``: the metrics label, else the one of the path (``endpoint_of``)."""
         path = request.path
+        path = _PATHS.get(path, path)
         given = request.headers.get("x-request-id", "")
         request_id = given if _REQUEST_ID.fullmatch(given) else next(_FRESH_IDS)
         logs.bind_request(request_id)
