@@ -43,7 +43,8 @@ def head_problem(head: bytes, target: str) -> str | None:
     """Why a request head (request line and field lines, without the blank line) is refused."""
     if not _TARGET.match(target):
         return "the request target must be a path or an absolute URL with a path"
-    if not _FIELD_LINES.fullmatch(head, head.find(b"\r\n") if b"\r\n" in head else len(head)):
+    first_line_end = head.find(b"\r\n")
+    if not _FIELD_LINES.fullmatch(head, first_line_end if first_line_end >= 0 else len(head)):
         return (
             "malformed header field: a name is a token followed directly by ':' and a value "
             "holds no CR, LF or NUL (RFC 9112 5.1)"

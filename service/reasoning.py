@@ -258,6 +258,27 @@ class ThinkStream(EventFilter):
     def close(self) -> bytes:
         return super().close() + self._flush()
 
+    def feed(self, chunk: bytes) -> bytes:
+        """A chunk of whole one-line events that all pass (``_passes``) goes out as it came,
+        without being split into events first: most of a long answer, once past its block."""
+        if self._settled and self._all_pass(chunk):
+            return chunk
+        return super().feed(chunk)
+
+    def _all_pass(self, chunk: bytes) -> bool:
+        """Whether ``chunk`` is whole one-line ``data:`` events, LF-ended, each naming a choice,
+        and passes as a whole: the choices it names are settled, no ``<`` (``_passes``)."""
+        if len(chunk) > self._max_event or not self._between_events() or not self._passes(chunk):
+            return False
+        if chunk.find(b"\r") >= 0 or not chunk.endswith(b"\n\n"):  # find(): see sse
+            return False
+        if chunk.count(b"\n") == 2:  # the usual read: one event
+            return chunk.startswith(b"data:")
+        return all(
+            line.startswith(b"data:") and line.find(b"\n") < 0 and _CHOICE_INDEX.search(line) is not None
+            for line in chunk[:-2].split(b"\n\n")
+        )
+
     def _give_up(self) -> bytes:
         return self._flush()
 
@@ -296,7 +317,7 @@ class ThinkStream(EventFilter):
         past their leading block, most of a long answer. Every choice index it names must be
         one of those, and it holds no ``<`` (nor a ``\\u003c`` escape) that could open a block
         for a choice not seen yet. A tool call's own ``index`` only makes it parsed."""
-        if not self._settled or b"<" in raw or b"\\u003" in raw:
+        if not self._settled or raw.find(b"<") >= 0 or raw.find(b"\\u003") >= 0:
             return False
         indexes = _CHOICE_INDEX.findall(raw)
         return bool(indexes) and self._settled.issuperset(indexes)

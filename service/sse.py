@@ -3,6 +3,10 @@
 Each event keeps the exact bytes it arrived as, so the proxy can relay what it does not change
 byte for byte and re-encode only what it rewrites. Network chunks may split an event anywhere,
 even inside a UTF-8 character or between the two bytes of a CRLF.
+
+Code that looks at every event tests for a part with ``data.find(part) >= 0`` rather than
+``part in data``: for bytes, ``in`` first tries its operand as an integer and makes and clears
+a TypeError, which costs as much again as the search (~150 ns).
 """
 
 from __future__ import annotations
@@ -74,17 +78,22 @@ class SSEParser:
         """What ``feed`` gives for a chunk of whole one-line ``data:`` events, LF-ended, with
         nothing held before it: how a model server sends a token, one event a write. Split at
         once; anything else (None) goes through the line parser."""
-        if self._line or self._raw or self._first_line or self._after_cr or not chunk.endswith(b"\n\n"):
+        if not self.idle or not chunk.endswith(b"\n\n"):
             return None
-        if b"\r" in chunk:
+        if chunk.find(b"\r") >= 0:
             return None
         events = []
         for line in chunk[:-2].split(b"\n\n"):
-            if not line.startswith(b"data:") or b"\n" in line:
+            if not line.startswith(b"data:") or line.find(b"\n") >= 0:
                 return None
             data = line[6:] if line.startswith(b"data: ") else line[5:]
             events.append(SSEEvent(line + b"\n\n", data.decode("utf-8", "replace")))
         return events
+
+    @property
+    def idle(self) -> bool:
+        """Nothing held and past the stream's start: the next chunk begins a line of an event."""
+        return not (self._line or self._raw or self._first_line or self._after_cr)
 
     @property
     def buffered(self) -> int:
@@ -184,6 +193,10 @@ class EventFilter:
             limit=self._max_event,
         )
         return self._give_up()
+
+    def _between_events(self) -> bool:
+        """Nothing held: a chunk of whole events can be judged on its own bytes."""
+        return self._parser.idle and not self._orphan_lf and not self.overflowed
 
     def _give_up(self) -> bytes:
         """What the filter still holds of the events before, as SSE bytes (nothing by default)."""

@@ -126,8 +126,9 @@ class StreamMeter:
     def feed(self, chunk: bytes) -> None:
         self._tail[self._fed % _TAIL_CHUNKS] = chunk
         self._fed += 1
-        # Text travels in "delta" (chat, Responses) or "text" (completions); the usage chunk has neither.
-        if b'"delta"' in chunk or b'"text"' in chunk:
+        # Text travels in "delta" (chat, Responses) or "text" (completions); the usage chunk has
+        # neither. find(), not ``in``: see sse.
+        if chunk.find(b'"delta"') >= 0 or chunk.find(b'"text"') >= 0:
             self.last = time.perf_counter()
             if self.first is None:
                 self.first = self.last

@@ -21,7 +21,7 @@ from service.reasoning import (
     split_think,
     transform_message,
 )
-from service.sse import SSEParser, encode_data
+from service.sse import SSEEvent, SSEParser, encode_data
 
 QWEN3_EMPTY = "<think>\n\n</think>\n\n"
 ENVELOPE = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "qwen3-4b"}
@@ -557,7 +557,10 @@ def test_events_passed_without_parsing_are_the_ones_parsing_would_leave_alone(
         events.insert(data.draw(st.integers(0, len(events))), tool_chunk(data.draw(st.sampled_from([0, 1]))))
     events += [chunk("", finish="stop"), chunk("", index=1, finish="stop"), usage_chunk(), DONE]
     upstream = b"".join(events)
-    cuts = data.draw(st.lists(st.integers(0, len(upstream)), max_size=10))
+    # Anywhere, or only between events: reads of whole events take the chunk's fast path.
+    bounds = list(itertools.accumulate(len(event) for event in events))
+    anywhere = st.integers(0, len(upstream))
+    cuts = data.draw(st.lists(anywhere if data.draw(st.booleans()) else st.sampled_from(bounds), max_size=10))
 
     fast = run(ThinkStream(mode, chat), *split_at(upstream, cuts))
     parsed = run(parsing_every_event(mode, chat), *split_at(upstream, cuts))
@@ -565,19 +568,44 @@ def test_events_passed_without_parsing_are_the_ones_parsing_would_leave_alone(
     assert fast == parsed
 
 
+def counting_parses(stream: ThinkStream) -> list[bytes]:
+    """The events ``stream`` parses from now on: handed to ``_relay`` and not passed as they came."""
+    parsed: list[bytes] = []
+    relay, passes = stream._relay, stream._passes
+
+    def counting(event: SSEEvent) -> bytes:
+        if event.data is not None and not passes(event.raw):
+            parsed.append(event.raw)
+        return relay(event)
+
+    stream._relay = counting  # type: ignore[method-assign]
+    return parsed
+
+
 def test_after_the_block_the_rest_of_a_long_answer_is_not_parsed() -> None:
     stream = ThinkStream("strip", chat=True)
-    passes = stream._passes
-    parsed = 0
-
-    def counting(raw: bytes) -> bool:
-        nonlocal parsed
-        passed = passes(raw)
-        parsed += not passed
-        return passed
-
-    stream._passes = counting  # type: ignore[method-assign]
+    parsed = counting_parses(stream)
     events = [chat_chunk("<think>plan</think>"), chat_chunk("Hello")] + [chat_chunk(" word")] * 50
     output = run(stream, *events, chat_chunk(finish="stop"), DONE)
-    assert parsed == 3  # the block, the first content (then settled), and [DONE]
+    assert len(parsed) == 3  # the block, the first content (then settled), and [DONE]
     assert texts(output, "content") == "Hello" + " word" * 50
+
+
+def test_a_chunk_of_whole_events_that_all_pass_goes_out_without_being_split() -> None:
+    """Several events in one read, as a busy upstream connection delivers them: once settled,
+    none reaches ``_relay``, and the chunk goes out as it came. One event that must be parsed
+    (a new choice, here) sends the whole chunk through the parser, its neighbours unchanged."""
+    stream = ThinkStream("strip", chat=True)
+    stream.feed(chat_chunk("<think>plan</think>"))
+    stream.feed(chat_chunk("Hello"))
+    handed: list[bytes] = []
+    relay = stream._relay
+    stream._relay = lambda event: handed.append(event.raw) or relay(event)  # type: ignore[method-assign]
+    words = b"".join([chat_chunk(" word")] * 10)
+    assert stream.feed(words) is words
+    assert handed == []
+    mixed = chat_chunk(" more") + chat_chunk("<think>x</think>late", index=1) + chat_chunk(" end")
+    output = stream.feed(mixed)
+    assert len(handed) == 3
+    assert texts(output, "content") == " more end"
+    assert texts(output, "content", index=1) == "late"
