@@ -59,7 +59,7 @@ def _finite_float(text: str) -> float:
 def loads(raw: bytes) -> Any:
     """orjson, unless the body may hold an integer beyond 64 bits (orjson turns those into
     floats) or orjson refuses it (lone surrogates): then the standard library."""
-    if _LONG_DIGITS not in raw.translate(_DIGITS_AS_ZERO):
+    if raw.translate(_DIGITS_AS_ZERO).find(_LONG_DIGITS) < 0:  # find(), not ``in``: see sse
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -82,14 +82,14 @@ def may_repeat_keys(raw: bytes, value: Any) -> bool:
     past 255) is counted by walking it. Bodies that are not UTF-8 (a NUL among the first bytes:
     UTF-16 or -32) count as repeating.
     """
-    if b"\x00" in raw[:4]:
+    if raw.find(b"\x00", 0, 4) >= 0:
         return True
     try:
         expected = orjson.dumps(value).count(b":")
     except orjson.JSONEncodeError:
         expected = _keys_and_colons(value)
     found = raw.count(b":")
-    if b"\\u003" in raw:
+    if raw.find(b"\\u003") >= 0:
         found += raw.count(b"\\u003a") + raw.count(b"\\u003A")
     return found != expected
 

@@ -48,7 +48,7 @@ def _renamed(data: bytes, requested: str) -> bytes | None:
 
 def rename_json(data: bytes, requested: str) -> bytes:
     """A whole JSON answer naming ``requested``; the very same bytes object when nothing changed."""
-    renamed = _renamed(data, requested) if _MODEL_KEY in data else None
+    renamed = _renamed(data, requested) if data.find(_MODEL_KEY) >= 0 else None  # find(): see sse
     return data if renamed is None else renamed
 
 
@@ -91,7 +91,7 @@ class RenameStream(EventFilter):
         first, self._first = self._first, False
         if event.data is None:
             return event.raw
-        renamed = _renamed(event.data.encode(), self._requested) if _MODEL_KEY in event.raw else None
+        renamed = _renamed(event.data.encode(), self._requested) if event.raw.find(_MODEL_KEY) >= 0 else None
         if renamed is None:
             return event.raw
         if first and event.raw.startswith(BOM):
