@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from service.sse import DEFAULT_MAX_EVENT, EventFilter, SSEEvent, encode_data
+from service.sse import DEFAULT_MAX_EVENT, EventFilter, SSEEvent, encode_data, whole_data_lines
 
 MODES = ("strip", "reasoning")
 _ENVELOPE = ("id", "object", "created", "model")
@@ -266,18 +266,13 @@ class ThinkStream(EventFilter):
         return super().feed(chunk)
 
     def _all_pass(self, chunk: bytes) -> bool:
-        """Whether ``chunk`` is whole one-line ``data:`` events, LF-ended, each naming a choice,
-        and passes as a whole: the choices it names are settled, no ``<`` (``_passes``)."""
+        """Whether ``chunk`` is whole one-line ``data:`` events, each naming a choice, and passes
+        as a whole: the choices it names are settled, no ``<`` (``_passes``)."""
         if len(chunk) > self._max_event or not self._between_events() or not self._passes(chunk):
             return False
-        if chunk.find(b"\r") >= 0 or not chunk.endswith(b"\n\n"):  # find(): see sse
-            return False
-        if chunk.count(b"\n") == 2:  # the usual read: one event
-            return chunk.startswith(b"data:")
-        return all(
-            line.startswith(b"data:") and line.find(b"\n") < 0 and _CHOICE_INDEX.search(line) is not None
-            for line in chunk[:-2].split(b"\n\n")
-        )
+        lines = whole_data_lines(chunk)
+        # One event: _passes found its index. Several: each must name one.
+        return lines is not None and (len(lines) == 1 or all(_CHOICE_INDEX.search(line) for line in lines))
 
     def _give_up(self) -> bytes:
         return self._flush()

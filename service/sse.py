@@ -75,20 +75,14 @@ class SSEParser:
         return events
 
     def _whole_events(self, chunk: bytes) -> list[SSEEvent] | None:
-        """What ``feed`` gives for a chunk of whole one-line ``data:`` events, LF-ended, with
-        nothing held before it: how a model server sends a token, one event a write. Split at
-        once; anything else (None) goes through the line parser."""
-        if not self.idle or not chunk.endswith(b"\n\n"):
+        """What ``feed`` gives for a chunk of whole one-line ``data:`` events with nothing held
+        before it. Split at once; anything else (None) goes through the line parser."""
+        lines = whole_data_lines(chunk) if self.idle else None
+        if lines is None:
             return None
-        if chunk.find(b"\r") >= 0:
-            return None
-        events = []
-        for line in chunk[:-2].split(b"\n\n"):
-            if not line.startswith(b"data:") or line.find(b"\n") >= 0:
-                return None
-            data = line[6:] if line.startswith(b"data: ") else line[5:]
-            events.append(SSEEvent(line + b"\n\n", data.decode("utf-8", "replace")))
-        return events
+        return [
+            SSEEvent(line + b"\n\n", line[5:].removeprefix(b" ").decode(errors="replace")) for line in lines
+        ]
 
     @property
     def idle(self) -> bool:
@@ -142,6 +136,19 @@ class SSEParser:
         self._raw.clear()
         self._data = []
         return event
+
+
+def whole_data_lines(chunk: bytes) -> list[bytes] | None:
+    """The lines of ``chunk`` (without their blank line) when it is whole one-line ``data:``
+    events, LF-ended: how a model server sends a token, one event a write. Else None."""
+    if not chunk.endswith(b"\n\n") or chunk.find(b"\r") >= 0:
+        return None
+    if chunk.count(b"\n") == 2:  # the usual read: one event
+        return [chunk[:-2]] if chunk.startswith(b"data:") else None
+    lines = chunk[:-2].split(b"\n\n")
+    if all(line.startswith(b"data:") and line.find(b"\n") < 0 for line in lines):
+        return lines
+    return None
 
 
 class EventFilter:
