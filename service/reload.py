@@ -89,7 +89,16 @@ def apply(app: Sanic, sources: Sources) -> None:
 
 
 async def watch(app: Sanic, sources: Sources) -> None:
-    """The worker's reload loop; runs until the server stops and cancels it."""
+    """The worker's reload loop; runs until the server stops and cancels it. That cancel is its
+    normal end: Sanic would log each task it cancels as a warning, on every shutdown."""
+    try:
+        await _watch(app, sources)
+    except asyncio.CancelledError:
+        if not app.ctx.draining:
+            raise
+
+
+async def _watch(app: Sanic, sources: Sources) -> None:
     wake = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, wake.set)
     path = app.ctx.settings.config_file

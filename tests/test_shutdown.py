@@ -61,3 +61,16 @@ def test_sigterm_drains_a_stream_in_progress(start_proxy: StartProxy) -> None:
     assert text.count("data: ") == EVENTS + 1
     assert text.endswith("data: [DONE]\n\n")
     assert proxy.process.wait(timeout=15) == 0
+
+
+def test_a_drained_shutdown_logs_no_warning(start_proxy: StartProxy) -> None:
+    """The worker's config watcher ends with the server: its end is not reported as a task
+    cancelled before it completed, on every Ctrl-C and every rollout."""
+    proxy = start_proxy(SHUTDOWN_GRACE="0.2", SHUTDOWN_TIMEOUT="5")
+    assert httpx.get(f"{proxy.url}/healthz", timeout=5).status_code == 200
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(timeout=15) == 0
+    log = proxy.log_path.read_text()
+    assert "Server Stopped" in log
+    assert "WARNING" not in log, log
+    assert '"level":"warning"' not in log, log
