@@ -568,25 +568,26 @@ def test_events_passed_without_parsing_are_the_ones_parsing_would_leave_alone(
     assert fast == parsed
 
 
-def counting_parses(stream: ThinkStream) -> list[bytes]:
-    """The events ``stream`` parses from now on: handed to ``_relay`` and not passed as they came."""
-    parsed: list[bytes] = []
+def handed_to_relay(stream: ThinkStream) -> list[tuple[bytes, bool]]:
+    """The events ``stream`` hands to ``_relay`` from now on, each with whether it was parsed
+    (it has data that ``_passes`` did not let through as it came)."""
+    handed: list[tuple[bytes, bool]] = []
     relay, passes = stream._relay, stream._passes
 
-    def counting(event: SSEEvent) -> bytes:
-        if event.data is not None and not passes(event.raw):
-            parsed.append(event.raw)
+    def recording(event: SSEEvent) -> bytes:
+        handed.append((event.raw, event.data is not None and not passes(event.raw)))
         return relay(event)
 
-    stream._relay = counting  # type: ignore[method-assign]
-    return parsed
+    stream._relay = recording  # type: ignore[method-assign]
+    return handed
 
 
 def test_after_the_block_the_rest_of_a_long_answer_is_not_parsed() -> None:
     stream = ThinkStream("strip", chat=True)
-    parsed = counting_parses(stream)
+    handed = handed_to_relay(stream)
     events = [chat_chunk("<think>plan</think>"), chat_chunk("Hello")] + [chat_chunk(" word")] * 50
     output = run(stream, *events, chat_chunk(finish="stop"), DONE)
+    parsed = [raw for raw, was_parsed in handed if was_parsed]
     assert len(parsed) == 3  # the block, the first content (then settled), and [DONE]
     assert texts(output, "content") == "Hello" + " word" * 50
 
@@ -598,9 +599,7 @@ def test_a_chunk_of_whole_events_that_all_pass_goes_out_without_being_split() ->
     stream = ThinkStream("strip", chat=True)
     stream.feed(chat_chunk("<think>plan</think>"))
     stream.feed(chat_chunk("Hello"))
-    handed: list[bytes] = []
-    relay = stream._relay
-    stream._relay = lambda event: handed.append(event.raw) or relay(event)  # type: ignore[method-assign]
+    handed = handed_to_relay(stream)
     words = b"".join([chat_chunk(" word")] * 10)
     assert stream.feed(words) is words
     assert handed == []
