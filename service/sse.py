@@ -143,7 +143,9 @@ def whole_data_lines(chunk: bytes) -> list[bytes] | None:
     events, LF-ended: how a model server sends a token, one event a write. Else None."""
     if not chunk.endswith(b"\n\n") or chunk.find(b"\r") >= 0:
         return None
-    if chunk.count(b"\n") == 2:  # the usual read: one event
+    # The usual read: one event, whose only LFs end it. find() stops at the first LF, where
+    # count() would scan the whole chunk, and more slowly.
+    if chunk.find(b"\n") == len(chunk) - 2:
         return [chunk[:-2]] if chunk.startswith(b"data:") else None
     lines = chunk[:-2].split(b"\n\n")
     if all(line.startswith(b"data:") and line.find(b"\n") < 0 for line in lines):
