@@ -239,8 +239,9 @@ def main() -> None:
         names = ["floor", "proxy"]
     results = {}
     try:
+        proxy_source = source_of(args.source, workdir)
         for name in [args.only] if args.only else names:
-            source = source_of(args.source, workdir) if name != "floor" else None
+            source = proxy_source if name != "floor" else None
             if args.stream:
                 results[name] = count_stream(name, upstream_port, workdir, args.events, source)
             else:
