@@ -7,8 +7,9 @@ no JSON, no header filtering, no timeouts, no logs, no metrics: what any proxy o
 (Sanic + aiohttp, one process) pays per request before doing its own work. The benchmark runs
 it next to the proxy, so the proxy's own cost is the difference of the two. The pieces of the
 proxy it shares are knobs of the stack, so that what they save is not counted as the proxy's
-own: Sanic's response with cheap header sanitising (``service.response``), and the garbage
-collector set for serving (``service.lifecycle.tune_collector``).
+own: Sanic's response with cheap header sanitising and its headers let go of once written
+(``service.response``), and the garbage collector set for serving
+(``service.lifecycle.tune_collector``).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from service.backends import Backend
 from service.errors import ProxyError
 from service.exchange import Exchange
 from service.reasoning import ThinkStream, ThinkTags, transform_message
-from service.response import Response, header_lines
+from service.response import Response
 
 log = structlog.get_logger("rerouter")
 
@@ -63,7 +63,7 @@ class Relayed(Response):
     @property
     def processed_headers(self) -> list[tuple[bytes, bytes]]:  # type: ignore[override]
         if self.content_type is None and "content-type" not in self.headers:
-            return header_lines(self.headers.items())
+            return self._written_head()
         return super().processed_headers
 
 
